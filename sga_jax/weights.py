@@ -1,0 +1,473 @@
+"""Weights in and out, shared by every model family: a streaming safetensors reader and writer,
+and key maps that say how each of our parameters is made from checkpoint tensors.
+
+A family's `convert.py` is a short table: our dotted parameter path -> `Rule(keys, transform,
+layers)`. `load_state` reads one checkpoint tensor at a time (numpy framework, bf16 through
+ml_dtypes, no torch), checks every name and shape, and places each parameter straight into its
+target sharding; `export_tensors` + `write_safetensors` go the other way, one parameter at a time.
+Pickle checkpoints are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors, or a bad file."""
+
+
+def refuse_pickle(path: str | os.PathLike) -> None:
+    """Raise a clear error for pickle-based checkpoints, which are never loaded."""
+    name = str(path)
+    if name.endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{name}: pickle checkpoints (.pt/.pth/.bin/.ckpt) are refused because unpickling runs "
+            "arbitrary code. Convert it to safetensors once, in an environment you trust, e.g. "
+            "`python -c \"import torch, safetensors.torch as st; "
+            "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\"`, "
+            "or use the model's `save_pretrained(..., safe_serialization=True)`."
+        )
+
+
+class CheckpointReader:
+    """Read-only view of one or more safetensors files as a single name -> tensor mapping.
+
+    `path` may be a .safetensors file, a `*.safetensors.index.json`, or a directory holding either
+    (an index wins; otherwise every .safetensors file in it is read). Tensors are memory-mapped and
+    read one at a time. `prefix` is stripped from every key that has it (e.g. BFL's
+    "model.diffusion_model." or CLIP's "text_model.").
+    """
+
+    def __init__(self, path: str | os.PathLike, *, prefix: str = "", subfolder_hint: str = ""):
+        self.path = Path(path)
+        files = self._files(self.path, subfolder_hint)
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        for file in files:
+            handle = self._open(file)
+            for key in handle.keys():
+                name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+                if name in self._where:
+                    raise CheckpointError(f"{file}: tensor {key!r} is also in {self._where[name][0]}")
+                self._where[name] = (file, key)
+
+    @staticmethod
+    def _files(path: Path, subfolder_hint: str) -> list[Path]:
+        refuse_pickle(path)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.is_dir():
+            if subfolder_hint and (path / subfolder_hint).is_dir():
+                path = path / subfolder_hint
+            indexes = sorted(path.glob("*.safetensors.index.json"))
+            if indexes:
+                return CheckpointReader._files(indexes[0], "")
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                pickles = [p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+                if pickles:
+                    refuse_pickle(path / pickles[0])
+                raise CheckpointError(f"{path}: no .safetensors files in this directory")
+            return files
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{path}: not a safetensors index (needs a 'weight_map'): {err}") from err
+            return [path.parent / name for name in sorted(set(weight_map.values()))]
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: expected a .safetensors file, an index.json or a directory")
+        return [path]
+
+    def _open(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        """All tensor names (prefix stripped), sorted."""
+        return sorted(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of `key`, read from the header only."""
+        file, name = self._locate(key)
+        return tuple(self._open(file).get_slice(name).get_shape())
+
+    def read(self, key: str) -> np.ndarray:
+        """Read one tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16)."""
+        file, name = self._locate(key)
+        return self._open(file).get_tensor(name)
+
+    def file_of(self, key: str) -> Path:
+        """The file a tensor lives in (for error messages)."""
+        return self._locate(key)[0]
+
+    def _locate(self, key: str) -> tuple[Path, str]:
+        if key not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r}")
+        return self._where[key]
+
+
+class Transform(Protocol):
+    """How checkpoint tensors ("theirs", e.g. PyTorch layout) become one parameter of ours and back."""
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray: ...
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Permute:
+    """One tensor with its axes permuted: ours = theirs.transpose(perm). Identity when perm=None."""
+
+    perm: tuple[int, ...] | None = None
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        (tensor,) = theirs
+        return tensor if self.perm is None else np.transpose(tensor, self.perm)
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (ours if self.perm is None else np.transpose(ours, np.argsort(self.perm)),)
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        if self.perm is None:
+            return (tuple(shape),)
+        return (tuple(shape[i] for i in np.argsort(self.perm)),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+    """Several tensors, each transformed by `inner`, concatenated along `axis` of ours.
+
+    `sizes` are the parts' lengths along that axis (needed to split on export); e.g. diffusers'
+    separate to_q / to_k / to_v weights become BFL's fused qkv kernel.
+    """
+
+    axis: int
+    sizes: tuple[int, ...]
+    inner: Permute = Permute()
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        if len(theirs) != len(self.sizes):
+            raise CheckpointError(f"expected {len(self.sizes)} tensors to concatenate, got {len(theirs)}")
+        return np.concatenate([self.inner.to_ours(t) for t in theirs], axis=self.axis)
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        splits = np.cumsum(self.sizes)[:-1]
+        return tuple(self.inner.to_theirs(part)[0] for part in np.split(ours, splits, axis=self.axis))
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        shapes = []
+        for size in self.sizes:
+            part = list(shape)
+            part[self.axis] = size
+            shapes.append(self.inner.their_shapes(tuple(part))[0])
+        return tuple(shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapHalves:
+    """One tensor whose two halves along `axis` are stored in the other order (its own inverse),
+    e.g. diffusers' (scale, shift) against BFL's (shift, scale), after an optional permutation."""
+
+    axis: int
+    inner: Permute = Permute()
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        ours = self.inner.to_ours(*theirs)
+        first, second = np.split(ours, 2, axis=self.axis)
+        return np.concatenate([second, first], axis=self.axis)
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        first, second = np.split(ours, 2, axis=self.axis)
+        return self.inner.to_theirs(np.concatenate([second, first], axis=self.axis))
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return self.inner.their_shapes(shape)
+
+
+SAME = Permute()
+LINEAR = Permute((1, 0))  # PyTorch Linear (out, in) -> (in, out)
+CONV2D = Permute((2, 3, 1, 0))  # PyTorch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one parameter of ours is read: checkpoint `keys` through `transform`.
+
+    With `layers=n` the parameter is stacked: keys contain "{i}", formatted for i in range(n), and
+    the results are stacked on a new leading axis (our scanned blocks).
+    """
+
+    keys: tuple[str, ...]
+    transform: Transform = SAME
+    layers: int | None = None
+
+    def keys_for(self, layer: int | None) -> tuple[str, ...]:
+        return tuple(k.format(i=layer) for k in self.keys) if layer is not None else self.keys
+
+    def all_keys(self) -> list[str]:
+        if self.layers is None:
+            return list(self.keys)
+        return [k for i in range(self.layers) for k in self.keys_for(i)]
+
+
+KeyMap = Mapping[str, Rule]
+
+
+def rule(*keys: str, transform: Transform = SAME, layers: int | None = None) -> Rule:
+    """Shorthand: `rule("a.weight", transform=LINEAR)`."""
+    return Rule(tuple(keys), transform, layers)
+
+
+def flat_params(state: nnx.State) -> dict[str, Any]:
+    """Flatten an nnx State into {dotted path: Variable}."""
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def check_keys(reader: CheckpointReader, key_map: KeyMap, *, ignore: Callable[[str], bool] = lambda k: False) -> None:
+    """Raise one CheckpointError listing every missing and unexpected checkpoint key."""
+    wanted = {k for r in key_map.values() for k in r.all_keys()}
+    present = set(reader.keys())
+    missing = sorted(wanted - present)
+    unexpected = sorted(k for k in present - wanted if not ignore(k))
+    if missing or unexpected:
+        lines = [f"{reader.path}: checkpoint does not match the model"]
+        if missing:
+            lines.append(f"  missing {len(missing)} tensors: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(
+                f"  unexpected {len(unexpected)} tensors: " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else "")
+            )
+        raise CheckpointError("\n".join(lines))
+
+
+def read_param(reader: CheckpointReader, name: str, spec: Rule, expected: tuple[int, ...]) -> np.ndarray:
+    """Assemble one parameter of ours from the checkpoint, checking shapes as it goes."""
+    per_layer = expected[1:] if spec.layers is not None else expected
+    their_expected = spec.transform.their_shapes(per_layer)
+
+    def one(layer: int | None) -> np.ndarray:
+        keys = spec.keys_for(layer)
+        tensors = []
+        for key, want in zip(keys, their_expected):
+            found = reader.shape(key)
+            if tuple(found) != tuple(want):
+                raise CheckpointError(
+                    f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
+                    f"(for parameter {name} of shape {tuple(expected)})"
+                )
+            tensors.append(reader.read(key))
+        return spec.transform.to_ours(*tensors)
+
+    if spec.layers is None:
+        return one(None)
+    if expected[0] != spec.layers:
+        raise CheckpointError(f"parameter {name}: model has {expected[0]} layers, key map says {spec.layers}")
+    first = one(0)
+    out = np.empty((spec.layers,) + first.shape, first.dtype)
+    out[0] = first
+    for i in range(1, spec.layers):
+        out[i] = one(i)
+    return out
+
+
+def load_state(
+    reader: CheckpointReader,
+    key_map: KeyMap,
+    abstract_state: nnx.State,
+    *,
+    shardings: Any = None,
+    ignore: Callable[[str], bool] = lambda k: False,
+) -> nnx.State:
+    """Fill an abstract parameter state (from `nnx.eval_shape`) from a checkpoint.
+
+    Every parameter must have a rule and every checkpoint key must be used (unless `ignore(key)`),
+    else one error lists them all. Each parameter is read, transformed, cast to the dtype the model
+    declares and put on its device(s) before the next one is read. `shardings` is an optional
+    State-shaped tree of `jax.sharding.Sharding` (e.g. from `sga_jax.parallel`).
+    """
+    params = flat_params(abstract_state)
+    unmapped = sorted(set(params) - set(key_map))
+    if unmapped:
+        raise CheckpointError(f"no conversion rule for parameters: {', '.join(unmapped[:20])}")
+    check_keys(reader, key_map, ignore=ignore)
+    target_shardings = flat_params(shardings) if shardings is not None else {}
+    loaded = {}
+    for name, var in params.items():
+        abstract = var.get_value()
+        host = read_param(reader, name, key_map[name], tuple(abstract.shape))
+        host = np.asarray(host, dtype=abstract.dtype)
+        sharding = target_shardings.get(name)
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            sharding = sharding.get_value()
+        loaded[name] = jax.device_put(host, sharding) if sharding is not None else jax.numpy.asarray(host)
+        del host
+    return _replace_values(abstract_state, loaded)
+
+
+def _replace_values(state: nnx.State, values: Mapping[str, Any]) -> nnx.State:
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(p) for p in path)
+        flat.append((path, var.replace(values[name])))
+    return nnx.from_flat_state(flat)
+
+
+def export_specs(abstract_state: nnx.State, key_map: KeyMap, dtype: Any = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Checkpoint key -> (shape, dtype) that `export_tensors` will produce, in its order."""
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for name, var in flat_params(abstract_state).items():
+        value = var.get_value()
+        spec = key_map[name]
+        shape = tuple(value.shape)
+        per_layer = shape[1:] if spec.layers is not None else shape
+        out_dtype = np.dtype(dtype or value.dtype)
+        for layer in range(spec.layers) if spec.layers is not None else [None]:
+            for key, their in zip(spec.keys_for(layer), spec.transform.their_shapes(per_layer)):
+                specs[key] = (tuple(their), out_dtype)
+    return specs
+
+
+def export_tensors(state: nnx.State, key_map: KeyMap, dtype: Any = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (checkpoint key, numpy tensor) for every parameter, one parameter on the host at a time."""
+    for name, var in flat_params(state).items():
+        spec = key_map[name]
+        host = np.asarray(jax.device_get(var.get_value()))
+        if dtype is not None:
+            host = host.astype(dtype)
+        for layer in range(spec.layers) if spec.layers is not None else [None]:
+            part = host[layer] if layer is not None else host
+            for key, tensor in zip(spec.keys_for(layer), spec.transform.to_theirs(part)):
+                yield key, np.ascontiguousarray(tensor)
+        del host
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Stream tensors into safetensors file(s) without holding more than one tensor in memory.
+
+    `specs` declares every key's shape and dtype up front (so headers are written first);
+    `tensors` must then yield exactly those keys in that order. When the total exceeds
+    `max_shard_bytes`, files are named `STEM-0000k-of-0000n.safetensors` beside a
+    `STEM.safetensors.index.json` (the Hugging Face convention). Returns the files written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: output name must end in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, (shape, dtype) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        files = [path]
+    else:
+        stem = path.name[: -len(".safetensors")]
+        files = [path.with_name(f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors") for i in range(len(shards))]
+    stream = iter(tensors)
+    for file, keys in zip(files, shards):
+        _write_one(file, keys, specs, stream, metadata)
+    if len(files) > 1:
+        total = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in specs.values())
+        index = {
+            "metadata": {"total_size": total, **(metadata or {})},
+            "weight_map": {key: file.name for file, keys in zip(files, shards) for key in keys},
+        }
+        path.with_name(path.name + ".index.json").write_text(json.dumps(index, indent=2))
+    return files
+
+
+def _write_one(
+    file: Path,
+    keys: Sequence[str],
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    stream: Iterator[tuple[str, np.ndarray]],
+    metadata: Mapping[str, str] | None,
+) -> None:
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in keys:
+        shape, dtype = specs[key]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    partial = file.with_name(file.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for key in keys:
+            got_key, tensor = next(stream)
+            shape, dtype = specs[key]
+            if got_key != key or tuple(tensor.shape) != tuple(shape) or tensor.dtype != np.dtype(dtype):
+                raise CheckpointError(
+                    f"{file}: writer expected {key} {tuple(shape)} {np.dtype(dtype)}, "
+                    f"got {got_key} {tuple(tensor.shape)} {tensor.dtype}"
+                )
+            out.write(np.ascontiguousarray(tensor).tobytes())
+    partial.replace(file)
+
+
+def save_state(
+    path: str | os.PathLike,
+    state: nnx.State,
+    key_map: KeyMap,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
+    """Export a parameter state through a key map into safetensors file(s); see write_safetensors."""
+    specs = export_specs(state, key_map, dtype)
+    return write_safetensors(
+        path, specs, export_tensors(state, key_map, dtype), max_shard_bytes=max_shard_bytes, metadata=metadata
+    )
