@@ -146,13 +146,14 @@ def index_dataset(source: Any, config: Any, caption_cache: ArrayCacheSource | No
     stored array shapes. Records that fail are listed in `skipped` with their reason."""
     skipped = list(getattr(source, "listing_errors", []))
     n = len(source)
+    listed = n + len(skipped)
     record_bucket = np.full(n, -1, np.int32)
     if isinstance(source, ArrayCacheSource):
         names: dict[str, int] = {}
         for i, shapes in enumerate(source.shapes):
             name = ",".join(f"{k}={'x'.join(map(str, s))}" for k, s in sorted(shapes.items()))
             record_bucket[i] = names.setdefault(name, len(names))
-        return DatasetIndex(record_bucket, list(names), [None] * len(names), skipped, n + len(skipped))
+        return DatasetIndex(record_bucket, list(names), [None] * len(names), skipped, listed)
 
     buckets = buckets_from_config(config)
 
@@ -173,7 +174,7 @@ def index_dataset(source: Any, config: Any, caption_cache: ArrayCacheSource | No
                 skipped.append({"path": _record_location(source[i]), "reason": result})
             else:
                 record_bucket[i] = result
-    return DatasetIndex(record_bucket, [bucket_name(b) for b in buckets], list(buckets), skipped, n + len(skipped))
+    return DatasetIndex(record_bucket, [bucket_name(b) for b in buckets], list(buckets), skipped, listed)
 
 
 # ----------------------------------------------------------------------------------------------
