@@ -1,0 +1,185 @@
+"""The train state, its shardings, and sharded initialisation that never builds the model on one device.
+
+Modules are split once (`nnx.split`) into static graph definitions (`Graphs`) and pure dicts of
+arrays; the state holds only arrays, so it jits, donates and checkpoints as a plain pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+
+from sga_jax import parallel
+from sga_jax.train.task import Task
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training and is checkpointed.
+
+    step: iterations run (int32, also counts skipped ones); params: trainable `nnx.Param`s (fp32
+    master copy, pure dict); model_state: the trainable module's other variables, carried unchanged;
+    opt_state: optimizer state over `params` only; ema: EMA of `params` or None; rng: raw uint32 key
+    data (per-step keys are `fold_in(rng, step)`); nan_skips / nan_streak: updates skipped for a
+    non-finite loss or gradient, in total and in a row.
+    """
+
+    step: jax.Array
+    params: dict
+    model_state: dict
+    opt_state: optax.OptState
+    ema: dict | None
+    rng: jax.Array
+    nan_skips: jax.Array
+    nan_streak: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Graphs:
+    """Static graph definitions to `nnx.merge` the state's dicts back into modules."""
+
+    trainable: nnx.GraphDef
+    frozen: nnx.GraphDef | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The abstract shapes and shardings of a run, computed without allocating any parameter."""
+
+    graphs: Graphs
+    abstract_state: TrainState
+    state_shardings: TrainState
+    abstract_frozen: dict | None
+    frozen_shardings: dict | None
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Cast the floating-point leaves of `tree` to `dtype` (integers and keys untouched)."""
+
+    def cast(x: Any) -> Any:
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def split_module(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, Param state, all other state) of a module."""
+    return nnx.split(module, nnx.Param, ...)
+
+
+def _build(task: Task, config: Any, seed: jax.Array) -> tuple[nnx.Module, nnx.Module | None]:
+    return task.build(config, nnx.Rngs(seed))
+
+
+def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: dict) -> Setup:
+    """Abstract train state and frozen state, with the shardings their logical axes give on `mesh`.
+
+    Optimizer moments take their parameter's sharding; scalar counters are replicated.
+    """
+    trainable, frozen = nnx.eval_shape(lambda: _build(task, config, jax.random.key(0)))
+    t_graph, t_params, t_rest = split_module(trainable)
+    param_sh = parallel.state_shardings(t_params, mesh, rules)
+    rest_sh = parallel.state_shardings(t_rest, mesh, rules)
+    params = nnx.to_pure_dict(t_params)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    rep = parallel.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        opt_state,
+        param_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    ema_on = float(config.optimizer.ema_decay) > 0
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(
+        step=scalar,
+        params=params,
+        model_state=nnx.to_pure_dict(t_rest),
+        opt_state=opt_state,
+        ema=params if ema_on else None,
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+        nan_skips=scalar,
+        nan_streak=scalar,
+    )
+    shardings = TrainState(
+        step=rep, params=param_sh, model_state=rest_sh, opt_state=opt_sh,
+        ema=param_sh if ema_on else None, rng=rep, nan_skips=rep, nan_streak=rep,
+    )
+    if frozen is None:
+        return Setup(Graphs(t_graph, None), abstract, shardings, None, None)
+    f_graph, f_state = nnx.split(frozen)
+    return Setup(
+        Graphs(t_graph, f_graph), abstract, shardings,
+        nnx.to_pure_dict(f_state), parallel.state_shardings(f_state, mesh, rules),
+    )
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target shardings (what orbax restores into)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation, setup: Setup) -> TrainState:
+    """Initialise the train state from `config.seed` directly into its shardings (one jit)."""
+
+    def init(seed: jax.Array) -> TrainState:
+        key = jax.random.wrap_key_data(seed)
+        model_key, train_key = jax.random.split(key)
+        trainable, _ = _build(task, config, model_key)
+        _, params, rest = split_module(trainable)
+        params = nnx.to_pure_dict(params)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            step=zero,
+            params=params,
+            model_state=nnx.to_pure_dict(rest),
+            opt_state=optimizer.init(params),
+            ema=params if setup.abstract_state.ema is not None else None,
+            rng=jax.random.key_data(train_key),
+            nan_skips=zero,
+            nan_streak=zero,
+        )
+
+    seed = jax.random.key_data(jax.random.key(int(config.seed)))
+    return jax.jit(init, out_shardings=setup.state_shardings)(seed)
+
+
+def init_frozen(task: Task, config: Any, setup: Setup) -> dict | None:
+    """The frozen module's variables: from `task.load_frozen` when the task has it, else from the seed
+    (the same key as the trainable module, so a restart rebuilds the same values)."""
+    if setup.abstract_frozen is None:
+        return None
+    load = getattr(task, "load_frozen", None)
+    if load is not None:
+        return load(setup.abstract_frozen, setup.frozen_shardings)
+
+    def init(seed: jax.Array) -> dict:
+        model_key, _ = jax.random.split(jax.random.wrap_key_data(seed))
+        _, frozen = _build(task, config, model_key)
+        return nnx.to_pure_dict(nnx.split(frozen)[1])
+
+    seed = jax.random.key_data(jax.random.key(int(config.seed)))
+    return jax.jit(init, out_shardings=setup.frozen_shardings)(seed)
+
+
+def memory_estimate(setup: Setup) -> dict[str, int]:
+    """Bytes per device of each part of the state (params, optimizer, EMA, other, frozen) and total."""
+    s, sh = setup.abstract_state, setup.state_shardings
+    parts = {
+        "params": parallel.per_device_bytes(s.params, sh.params),
+        "optimizer": parallel.per_device_bytes(s.opt_state, sh.opt_state),
+        "ema": parallel.per_device_bytes(s.ema, sh.ema) if s.ema is not None else 0,
+        "model_state": parallel.per_device_bytes(s.model_state, sh.model_state),
+        "frozen": parallel.per_device_bytes(setup.abstract_frozen, setup.frozen_shardings)
+        if setup.abstract_frozen is not None
+        else 0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

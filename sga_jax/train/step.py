@@ -1,0 +1,146 @@
+"""The train step: a pure function (state, frozen, batch) -> (state, metrics), jitted with shardings.
+
+Mixed precision: parameters are fp32 masters; the loss sees them cast to the compute dtype, and
+the gradients come back in fp32 through that cast. Gradient accumulation splits the global batch
+into k micro-batches and scans over them. A NaN/Inf loss or gradient skips the update (params,
+optimizer state and EMA are kept), counts it, and leaves the decision to stop to the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sga_jax import parallel
+from sga_jax.train.state import Graphs, Setup, TrainState, cast_floating
+from sga_jax.train.task import Task
+
+StepFn = Callable[[TrainState, Any, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (k, B/k, ...), micro-batch i holding rows i, i+k, i+2k, ...
+
+    Every device keeps its own rows (a device's contiguous block of B rows splits evenly into the k
+    micro-batches), so no data moves between devices.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by grad_accum_steps={k}")
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    task: Task,
+    graphs: Graphs,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    compute_dtype: str = "float32",
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+    mesh: Mesh | None = None,
+    rules: dict | None = None,
+) -> StepFn:
+    """The un-jitted train step. With `mesh` and `rules`, micro-batches are constrained to the batch
+    sharding. Metrics: loss, the task's metrics, grad_norm, lr, skipped (0/1), nan_skips."""
+    dtype = jnp.dtype(compute_dtype)
+    k = int(grad_accum_steps)
+
+    def loss_fn(params: dict, model_state: dict, frozen: Any, batch: dict, rng: jax.Array):
+        trainable = nnx.merge(graphs.trainable, cast_floating(params, dtype), model_state)
+        frozen_module = None
+        if graphs.frozen is not None:
+            frozen_module = nnx.merge(graphs.frozen, cast_floating(jax.lax.stop_gradient(frozen), dtype))
+        loss, metrics = task.loss(trainable, frozen_module, batch, rng)
+        return loss.astype(jnp.float32), {name: v.astype(jnp.float32) for name, v in metrics.items()}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def constrain(batch: dict) -> dict:
+        if mesh is None or rules is None:
+            return batch
+        return {
+            name: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, rules, x.ndim))
+            for name, x in batch.items()
+        }
+
+    def grads_and_metrics(state: TrainState, frozen: Any, batch: dict, rng: jax.Array):
+        if k == 1:
+            (loss, metrics), grads = grad_fn(state.params, state.model_state, frozen, batch, rng)
+            return loss, metrics, grads
+        micro = split_micro_batches(batch, k)
+
+        def micro_step(index: jax.Array, micro_batch: dict):
+            rng_i = jax.random.fold_in(rng, index)
+            return grad_fn(state.params, state.model_state, frozen, constrain(micro_batch), rng_i)
+
+        shapes = jax.eval_shape(micro_step, jnp.int32(0), jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(carry, inputs):
+            return jax.tree.map(jnp.add, carry, micro_step(*inputs)), None
+
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(k, dtype=jnp.int32), micro))
+        (loss, metrics), grads = jax.tree.map(lambda x: x / k, total)
+        return loss, metrics, grads
+
+    def train_step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, metrics, grads = grads_and_metrics(state, frozen, batch, rng)
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        ema = state.ema
+        if ema is not None:
+            ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params), ema)
+        skipped = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            ema=ema,
+            nan_skips=state.nan_skips + skipped,
+            nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
+        )
+        out = {
+            "loss": loss,
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "lr": jnp.asarray(schedule(state.step - state.nan_skips), jnp.float32),
+            "skipped": skipped,
+            "nan_skips": new_state.nan_skips,
+            "nan_streak": new_state.nan_streak,
+        }
+        return new_state, out
+
+    return train_step
+
+
+def jit_train_step(step: StepFn, setup: Setup) -> StepFn:
+    """`jax.jit` of the step with the state's shardings in and out and the state's buffers donated;
+    the batch keeps the sharding it arrives with."""
+    mesh = jax.tree.leaves(setup.state_shardings)[0].mesh
+    rep = parallel.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(setup.state_shardings, setup.frozen_shardings, None),
+        out_shardings=(setup.state_shardings, rep),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,109 @@
+"""The Task protocol: what one training stage supplies to the engine, and the task registry.
+
+The engine (`sga_jax.train.loop`) owns the mesh, the train state, the optimizer, checkpoints,
+logging and signals; a Task owns the models, the loss and the data. A stage is a class with:
+
+``build(config, rngs) -> (trainable, frozen | None)``
+    Construct the NNX modules. The engine calls it under `nnx.eval_shape` (to read shapes and the
+    parameters' logical axes) and inside a `jax.jit` with `out_shardings` (to initialise every
+    parameter directly into its shard), so it must be traceable and must not read files. Only the
+    trainable module's `nnx.Param` variables get gradients and optimizer state; its other variables
+    are carried unchanged; the frozen module gets neither and is not checkpointed (it is rebuilt
+    from the seed, or loaded by `load_frozen`, on every start).
+
+``loss(trainable, frozen, batch, rng) -> (loss, metrics)``
+    A pure function of merged modules, a dict of arrays and a PRNG key: a float32 scalar loss and a
+    dict of float32 scalars (logged next to "loss", e.g. "loss_fm", "loss_sga"). Parameters arrive
+    in the compute dtype of `config.precision`.
+
+``batches(config, mesh, *, seed) -> iterator``
+    Yields dicts of global `jax.Array`s sharded along the batch (see
+    `sga_jax.parallel.host_to_global`), plus host-side values (strings) the step ignores. The
+    iterator has `get_state() -> dict` and `set_state(dict)`, JSON-serialisable, saved with every
+    checkpoint so a restart continues at the same example.
+
+Optional hooks (looked up with getattr; absent means "not used"):
+
+``configure(config)``
+    Called once right after construction with the resolved config, before anything is traced:
+    the place to read loss weights and other settings `loss` needs.
+
+``load_frozen(abstract, shardings) -> dict``
+    Load the frozen module's variables from files into the given shardings (`abstract` is the pure
+    dict of ShapeDtypeStructs of `nnx.split(frozen)`'s state). When absent the frozen module is
+    initialised from the seed like the trainable one.
+
+``sample(trainable, frozen, step, workdir, rng) -> dict[str, float] | None``
+    Called every `config.sample_every` steps (and at the end) with the EMA parameters when EMA is on;
+    writes images under `workdir/samples/` and may return scalars to log.
+
+``evaluate(trainable, frozen, step, workdir, rng) -> dict[str, float]``
+    Called every `config.eval_every` steps; the returned scalars are logged with an "eval_" prefix.
+
+``images_per_example`` (attribute, default 1)
+    Used for the images/s figure of the progress bar.
+
+A config names its task with `config.task`: a short name from `TASKS` ("toy") or a dotted path
+"package.module:ClassName". The class is constructed with no arguments, then `configure(config)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+TASKS: dict[str, str] = {
+    "toy": "sga_jax.train.toy:ToyTask",
+}
+
+
+@runtime_checkable
+class BatchIterator(Protocol):
+    """An iterator of batches whose position can be saved and restored."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def __next__(self) -> dict[str, Any]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One training stage; see the module docstring for the contract of each method."""
+
+    def build(self, config: Any, rngs: nnx.Rngs) -> tuple[nnx.Module, nnx.Module | None]: ...
+
+    def loss(
+        self, trainable: nnx.Module, frozen: nnx.Module | None, batch: dict[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def batches(self, config: Any, mesh: Mesh, *, seed: int) -> BatchIterator: ...
+
+
+def get_task(name: str, config: Any = None) -> Task:
+    """Instantiate the task `name` (a key of `TASKS` or a "package.module:ClassName" path) and, when
+    `config` is given and the task has the hook, call `task.configure(config)`."""
+    path = TASKS.get(name, name)
+    if ":" not in path:
+        raise ValueError(f"config.task={name!r}: expected one of {sorted(TASKS)} or 'package.module:ClassName'")
+    module_name, class_name = path.split(":", 1)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"config.task={name!r}: cannot import {path!r}: {e}") from e
+    task = cls()
+    missing = [m for m in ("build", "loss", "batches") if not callable(getattr(task, m, None))]
+    if missing:
+        raise ValueError(f"config.task={name!r}: {path} lacks the Task methods {missing}")
+    configure = getattr(task, "configure", None)
+    if config is not None and configure is not None:
+        configure(config)
+    return task
