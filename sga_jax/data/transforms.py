@@ -48,8 +48,8 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Imag
         raise BadRecord("not an image (PIL cannot identify it)") from error
     except Image.DecompressionBombError as error:
         raise BadRecord(f"decompression bomb refused by PIL: {error}") from error
-    except OSError as error:
-        raise BadRecord(f"unreadable: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadRecord(f"cannot read image header: {error}") from error
     width, height = image.size
     if width * height > max_pixels:
         image.close()
