@@ -1,8 +1,11 @@
 """The Grain pipeline on PIL-generated datasets: exactly-once epochs, one bucket per batch, bad files
 counted with reasons, disjoint process shards, exact resume, tfds / captions / cache sources."""
 
+import collections
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -205,3 +208,18 @@ def test_to_global_shards_numeric_entries_over_the_mesh(dataset):
     assert out["image"].sharding.spec == jax.sharding.PartitionSpec(("data",))
     np.testing.assert_array_equal(np.asarray(out["image"]), batch["image"])
     assert out["caption"] is batch["caption"] and isinstance(out["valid"], jax.Array)
+
+
+def test_validate_cli_reports_json(dataset):
+    directory, good, bad = dataset
+    command = [sys.executable, "-m", "sga_jax.data", str(directory), "--json", f"--data.max_image_pixels={MAX_PIXELS}",
+               *(f"--data.buckets.{k}={v}" for k, v in BUCKETS.items())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(result.stdout)
+    assert set(report) == {"records", "readable", "skipped", "buckets"}
+    assert report["readable"] == len(good)  # full decode: the truncated file is found too
+    assert report["records"] == len(good) + len(bad) + 1
+    skipped = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in report["skipped"]}
+    assert all(reason in skipped[name] for name, reason in bad.items())
+    want = collections.Counter(f"{w}x{h}" for w, h in map(lambda s: _expected_bucket(*s), good.values()))
+    assert report["buckets"] == dict(want)
