@@ -132,6 +132,13 @@ class CheckpointReader:
         file, name = self._locate(key)
         return self._open(file).get_tensor(name)
 
+    def metadata(self) -> dict[str, str]:
+        """The string metadata of the file headers (`__metadata__`), merged over all files."""
+        merged: dict[str, str] = {}
+        for file in dict.fromkeys(f for f, _ in self._where.values()):
+            merged.update(self._open(file).metadata() or {})
+        return merged
+
     def file_of(self, key: str) -> Path:
         """The file a tensor lives in (for error messages)."""
         return self._locate(key)[0]
@@ -222,6 +229,27 @@ class SwapHalves:
         return self.inner.their_shapes(shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrailingOnes:
+    """Their tensor is `inner`'s layout plus `count` trailing size-1 axes, e.g. a PyTorch 1x1
+    Conv2d weight (out, in, 1, 1) read as a dense kernel (in, out) with `TrailingOnes(2, LINEAR)`."""
+
+    count: int
+    inner: Permute = Permute()
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        (tensor,) = theirs
+        if tensor.shape[tensor.ndim - self.count :] != (1,) * self.count:
+            raise CheckpointError(f"expected {self.count} trailing size-1 axes, got shape {tensor.shape}")
+        return self.inner.to_ours(tensor.reshape(tensor.shape[: tensor.ndim - self.count]))
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(t.reshape(t.shape + (1,) * self.count) for t in self.inner.to_theirs(ours))
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return tuple(s + (1,) * self.count for s in self.inner.their_shapes(shape))
+
+
 SAME = Permute()
 LINEAR = Permute((1, 0))  # PyTorch Linear (out, in) -> (in, out)
 CONV2D = Permute((2, 3, 1, 0))  # PyTorch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
@@ -231,16 +259,19 @@ CONV2D = Permute((2, 3, 1, 0))  # PyTorch Conv2d (out, in, kh, kw) -> (kh, kw, i
 class Rule:
     """How one parameter of ours is read: checkpoint `keys` through `transform`.
 
-    With `layers=n` the parameter is stacked: keys contain "{i}", formatted for i in range(n), and
-    the results are stacked on a new leading axis (our scanned blocks).
+    With `layers=n` the parameter is stacked: keys contain "{i}", formatted for i in
+    range(start, start + n), and the results are stacked on a new leading axis (our scanned
+    blocks). `start` serves models that stack a run of a checkpoint's flat block list (e.g. one
+    stage of SAM2's Hiera, whose blocks are numbered across stages).
     """
 
     keys: tuple[str, ...]
     transform: Transform = SAME
     layers: int | None = None
+    start: int = 0
 
     def keys_for(self, layer: int | None) -> tuple[str, ...]:
-        return tuple(k.format(i=layer) for k in self.keys) if layer is not None else self.keys
+        return tuple(k.format(i=self.start + layer) for k in self.keys) if layer is not None else self.keys
 
     def all_keys(self) -> list[str]:
         if self.layers is None:
@@ -251,9 +282,9 @@ class Rule:
 KeyMap = Mapping[str, Rule]
 
 
-def rule(*keys: str, transform: Transform = SAME, layers: int | None = None) -> Rule:
-    """Shorthand: `rule("a.weight", transform=LINEAR)`."""
-    return Rule(tuple(keys), transform, layers)
+def rule(*keys: str, transform: Transform = SAME, layers: int | None = None, start: int = 0) -> Rule:
+    """Shorthand: `rule("a.weight", transform=LINEAR)`; see `Rule` for `layers` and `start`."""
+    return Rule(tuple(keys), transform, layers, start)
 
 
 def flat_params(state: nnx.State) -> dict[str, Any]:
@@ -471,3 +502,38 @@ def save_state(
     return write_safetensors(
         path, specs, export_tensors(state, key_map, dtype), max_shard_bytes=max_shard_bytes, metadata=metadata
     )
+
+
+def transcode_tensors(
+    reader: CheckpointReader,
+    source_map: KeyMap,
+    target_map: KeyMap,
+    abstract_state: nnx.State,
+    dtype: Any = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Re-key a checkpoint from one layout to another without building the model.
+
+    Yields (target key, tensor) in the order of `export_specs(abstract_state, target_map, dtype)`;
+    stacked parameters go one layer at a time, so host memory stays at a few tensors. Source
+    shapes are checked against the abstract state (same error messages as `load_state`).
+    """
+    check_keys(reader, source_map)
+    for name, var in flat_params(abstract_state).items():
+        source, target = source_map[name], target_map[name]
+        shape = tuple(var.get_value().shape)
+        per_layer = shape[1:] if source.layers is not None else shape
+        expected = source.transform.their_shapes(per_layer)
+        for layer in range(source.layers) if source.layers is not None else [None]:
+            parts = []
+            for key, want in zip(source.keys_for(layer), expected):
+                found = reader.shape(key)
+                if tuple(found) != tuple(want):
+                    raise CheckpointError(
+                        f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
+                        f"(for parameter {name} of shape {shape})"
+                    )
+                parts.append(reader.read(key))
+            ours = source.transform.to_ours(*parts)
+            out_dtype = np.dtype(dtype or var.get_value().dtype)
+            for key, tensor in zip(target.keys_for(layer), target.transform.to_theirs(ours)):
+                yield key, np.ascontiguousarray(tensor.astype(out_dtype, copy=False))
