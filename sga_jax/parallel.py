@@ -160,11 +160,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], ndim: int = 1) -> NamedSharding:
-    """Sharding of a batch array: leading dimension over the `batch` rule, the rest replicated."""
+def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> NamedSharding:
+    """Sharding of a batch array: leading dimension over the `batch` rule's mesh axes, the rest whole."""
     axes = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
-    lead: Any = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))) if lead else PartitionSpec())
+    if not axes:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
 
 
 def batch_shards(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> int:
@@ -182,7 +183,7 @@ def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[s
     for key, value in local.items():
         if isinstance(value, (np.ndarray, jax.Array)) and np.asarray(value).dtype.kind in "biuf":
             value = np.asarray(value)
-            sharding = batch_sharding(mesh, rules, value.ndim)
+            sharding = batch_sharding(mesh, rules)
             global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
             out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
         else:

@@ -144,10 +144,11 @@ class Run:
     setup: state_lib.Setup
 
 
-def build_run(config: ml_collections.ConfigDict) -> Run:
-    """Validate the config, build the mesh, the task, the optimizer and the abstract sharded state."""
+def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Run:
+    """Validate the config, build the mesh (over `devices`, default all), the task, the optimizer
+    and the abstract sharded state."""
     config_lib.validate_config(config)
-    mesh = parallel.make_mesh(config.mesh)
+    mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.resolve_rules(config.sharding_rules)
     config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), jax.process_count())
     task = get_task(config.task, config)
@@ -155,6 +156,20 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     with parallel.activation_sharding(mesh, rules):
         setup = state_lib.make_setup(task, config, optimizer, mesh, rules)
     return Run(config, task, mesh, rules, optimizer, schedule, setup)
+
+
+def jitted_step(run: Run) -> step_lib.StepFn:
+    """The run's train step, jitted with its shardings; call it (and trace it) inside
+    `parallel.activation_sharding(run.mesh, run.rules)`."""
+    config = run.config
+    step = step_lib.make_train_step(
+        run.task, run.setup.graphs, run.optimizer, run.schedule,
+        compute_dtype=config.precision.compute_dtype,
+        grad_accum_steps=config.optimizer.grad_accum_steps,
+        ema_decay=float(config.optimizer.ema_decay),
+        mesh=run.mesh, rules=run.rules,
+    )
+    return step_lib.jit_train_step(step, run.setup)
 
 
 def _modules(run: Run, state: state_lib.TrainState, frozen: Any) -> tuple[nnx.Module, nnx.Module | None]:
@@ -199,16 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, run: Run | 
             batches.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory, start)
         frozen = state_lib.init_frozen(run.task, config, run.setup)
-        step_fn = step_lib.jit_train_step(
-            step_lib.make_train_step(
-                run.task, run.setup.graphs, run.optimizer, run.schedule,
-                compute_dtype=config.precision.compute_dtype,
-                grad_accum_steps=config.optimizer.grad_accum_steps,
-                ema_decay=float(config.optimizer.ema_decay),
-                mesh=run.mesh, rules=run.rules,
-            ),
-            run.setup,
-        )
+        step_fn = jitted_step(run)
         writer = MetricWriter(workdir, resume_step=start, tensorboard=config.logging.tensorboard)
         try:
             return _loop(run, workdir, checkpointer, writer, batches, state, frozen, start, cfg, step_fn)

@@ -76,7 +76,7 @@ def make_train_step(
         if mesh is None or rules is None:
             return batch
         return {
-            name: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, rules, x.ndim))
+            name: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, rules))
             for name, x in batch.items()
         }
 
