@@ -76,6 +76,7 @@ def test_each_readable_image_once_per_epoch_one_bucket_per_batch(dataset):
         _, height, width, channels = batch["image"].shape
         assert (width, height) in BUCKET_LIST and channels == 3
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert not batch["image"][~batch["valid"]].any()  # filler slots: zero images
         for key, valid in zip(batch["key"], batch["valid"]):
             if valid:
                 assert _expected_bucket(*good[key]) == (width, height), key

@@ -10,11 +10,13 @@
    are disjoint, and the iterator state is just a position (exact resume).
 3. **Load.** A Grain `MapDataset` over the plan maps each element to a decoded batch (worker
    processes and prefetch configurable). A file that passed the header check but fails to decode
-   is replaced in its batch by a copy of a good record of the batch with `valid=False`, counted
-   in `stats` and logged once: nothing crashes and batch shapes never change.
+   becomes a filler slot of its batch, counted in `stats` and logged once: nothing crashes and
+   batch shapes never change. Filler slots (also used to pad a bucket's last batch) have
+   `valid=False`, a zero image and the caption, key and cached arrays of a good row of the batch;
+   weight the loss by `valid`.
 
 Batches are dicts of per-process numpy arrays: "image" float32 (b, H, W, 3) in [-1, 1], "caption"
-and "key" (object arrays of str), "valid" (bool, False for padding and replaced records), plus the
+and "key" (object arrays of str), "valid" (bool, False for filler slots), plus the
 arrays of a joined caption cache. `to_global` makes global jax.Arrays of them.
 """
 
@@ -260,19 +262,24 @@ class BatchLoader:
         self.seed, self.max_image_pixels = seed, max_image_pixels
         self.random_crop, self.flip = random_crop, flip
 
-    def _image(self, record: Mapping[str, Any], bucket: Bucket, rng: np.random.Generator) -> np.ndarray:
+    def _image(self, record: Mapping[str, Any], bucket: Bucket, rng: np.random.Generator, out: np.ndarray) -> None:
         offset = (float(rng.random()), float(rng.random())) if self.random_crop else (0.5, 0.5)
         flip = bool(rng.random() < 0.5) if self.flip else False
         image_source = record["path"] if "path" in record else record["data"]
-        return load_image(image_source, bucket, max_pixels=self.max_image_pixels, offset=offset, flip=flip)
+        load_image(image_source, bucket, max_pixels=self.max_image_pixels, offset=offset, flip=flip, out=out)
 
     def __call__(self, element: Mapping[str, Any]) -> dict[str, Any]:
         bucket = self.bucket_sizes[element["bucket"]]
+        size = len(element["indices"])
+        images = None if bucket is None else np.zeros((size, bucket[1], bucket[0], 3), np.float32)
         rows: list[dict[str, Any] | None] = []
         errors = []
-        for index, slot in zip(element["indices"], element["slots"]):
+        for i, (index, slot, planned) in enumerate(zip(element["indices"], element["slots"], element["valid"])):
+            if not planned:  # padding of a bucket's last batch: filled in below, never decoded
+                rows.append(None)
+                continue
             record = self.source[int(index)]
-            if bucket is None:  # a cache source: its arrays are the example
+            if images is None:  # a cache source: its arrays are the example
                 row = dict(record)
                 caption = row.pop("caption", None)
                 row["caption"] = str(caption) if caption is not None else ""
@@ -280,32 +287,31 @@ class BatchLoader:
                 continue
             rng = np.random.default_rng([self.seed, element["epoch"], element["step"], int(slot)])
             try:
-                image = self._image(record, bucket, rng)
+                self._image(record, bucket, rng, out=images[i])
             except BadRecord as error:
                 errors.append({"path": _record_location(record), "reason": str(error)})
+                images[i] = 0.0
                 rows.append(None)
                 continue
-            row = {"image": image, "caption": record["caption"], "key": record["key"]}
+            row = {"caption": record["caption"], "key": record["key"]}
             if self.caption_cache is not None:
                 row.update({k: v for k, v in self.caption_cache.get(record["key"]).items() if k != "key"})
             rows.append(row)
         valid = np.array(element["valid"], bool)
-        good = next((row for row in rows if row is not None), None)
+        good = next((i for i, row in enumerate(rows) if row is not None), None)
         if good is None:  # every record of the batch failed to decode: a blank, all-invalid batch
-            good = {"image": np.zeros((bucket[1], bucket[0], 3), np.float32), "caption": "", "key": ""}
+            blank = {"caption": "", "key": ""}
             if self.caption_cache is not None:
                 cached = self.caption_cache.get(self.source[int(element["indices"][0])]["key"])
-                good.update({k: np.zeros_like(v) for k, v in cached.items() if k != "key"})
+                blank.update({k: np.zeros_like(v) for k, v in cached.items() if k != "key"})
         for i, row in enumerate(rows):
             if row is None:
-                rows[i], valid[i] = good, False
-        batch: dict[str, Any] = {}
+                valid[i] = False
+                rows[i] = blank if good is None else rows[good]
+        batch: dict[str, Any] = {} if images is None else {"image": images}
         for name in rows[0]:
             values = [row[name] for row in rows]
-            if name in ("caption", "key"):
-                batch[name] = np.array(values, dtype=object)
-            else:
-                batch[name] = np.stack(values)
+            batch[name] = np.array(values, dtype=object) if name in ("caption", "key") else np.stack(values)
         batch["valid"] = valid
         batch["_errors"] = errors
         return batch

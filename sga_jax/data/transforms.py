@@ -84,7 +84,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncation and bad data as these
         raise BadRecord(f"cannot decode: {error}") from error
     mode = image.mode
@@ -102,21 +102,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
-def resize_to_bucket(image: Image.Image, bucket: Bucket, offset: tuple[float, float], flip: bool) -> np.ndarray:
+def resize_to_bucket(image: Image.Image, bucket: Bucket, offset: tuple[float, float], flip: bool,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """Cover-resize `image` onto `bucket` = (w, h) with an antialiased Lanczos filter, cropping the
-    slack at `offset` in [0, 1]^2 (0.5, 0.5: center); float32 (h, w, 3) in [-1, 1]."""
+    slack at `offset` in [0, 1]^2 (0.5, 0.5: center); float32 (h, w, 3) in [-1, 1], written into
+    `out` when given (no intermediate copies: batches are filled in place)."""
     box = cover_box(image.width, image.height, bucket, offset)
     resized = image.resize(bucket, RESAMPLE, box=box)
     if flip:
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if out is None:
+        out = np.empty((bucket[1], bucket[0], 3), np.float32)
     if resized.mode == "F":
-        gray = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0) * 2.0 - 1.0
-        return np.repeat(gray[..., None], 3, axis=-1)
-    return np.asarray(resized, dtype=np.float32) * (2.0 / 255.0) - 1.0
+        gray = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        np.multiply(gray[..., None], 2.0, out=out)
+    else:
+        np.multiply(np.asarray(resized), np.float32(2.0 / 255.0), out=out)
+    out -= 1.0
+    return out
 
 
 def load_image(source: bytes | str | os.PathLike, bucket: Bucket, *, max_pixels: int,
-               offset: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> np.ndarray:
-    """Decode `source` (encoded bytes or a path) and return it resized to `bucket`; BadRecord on failure."""
+               offset: tuple[float, float] = (0.5, 0.5), flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode `source` (encoded bytes or a path) and return it resized to `bucket` (into `out` when
+    given); BadRecord on failure."""
     with open_image(source, max_pixels) as image:
-        return resize_to_bucket(to_rgb(image), bucket, offset, flip)
+        return resize_to_bucket(to_rgb(image), bucket, offset, flip, out)
