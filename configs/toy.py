@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "depth": 2,
             "noise": 0.1,
             "activation_weight": 1e-3,
-            "nan_batches": [],
+            "nan_batches": (),
         }
     )
     return config

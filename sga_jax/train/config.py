@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 0
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ml_collections.ConfigDict(
-        {k: (v if v is None or isinstance(v, str) else list(v)) for k, v in DEFAULT_RULES.items()}
+        dict(DEFAULT_RULES)
     )
     c.optimizer = ml_collections.ConfigDict(
         {
@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
             "b2": 0.999,
             "eps": 1e-8,
             "weight_decay": 1e-4,
-            "no_decay": ["norm", "embedding"],  # regexes on 'a/b/c' parameter paths
+            "no_decay": ("norm", "embedding"),  # regexes on 'a/b/c' parameter paths
             "grad_clip_norm": 1.0,  # 0: no clipping
             "grad_accum_steps": 1,
             "ema_decay": 0.0,  # 0: no EMA

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import signal
 import time
 from collections.abc import Iterator
@@ -74,11 +75,13 @@ class MetricWriter:
             self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        """Append one record {"step": step, **scalars} and the same scalars to TensorBoard."""
+        """Append one record {"step": step, **scalars} (non-finite values as null) and the same
+        scalars to TensorBoard."""
         if not self.enabled:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+            record = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}  # strict JSON
+            f.write(json.dumps({"step": int(step), **record}) + "\n")
         if self.tb is not None:
             for name, value in scalars.items():
                 self.tb.add_scalar(name, value, int(step))
@@ -253,8 +256,8 @@ def _loop(run: Run, workdir: Path, checkpointer: Checkpointer, writer: MetricWri
             raise TrainingDiverged(
                 f"step {step}: {int(host['nan_streak'])} updates in a row had a non-finite loss or gradient "
                 f"(nan_guard.max_consecutive={max_streak}; {int(host['nan_skips'])} skipped in total). "
-                f"The last good checkpoint is in {checkpointer.directory}; lower the learning rate or "
-                f"check the data before resuming."
+                f"Latest checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}; lower the "
+                f"learning rate or check the data before resuming."
             )
 
     def callbacks(step: int) -> dict[str, float]:
