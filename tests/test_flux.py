@@ -28,13 +28,23 @@ def forward(model: flux.Flux, args: tuple, hidden_block: int | None = None):
     return jax.device_get(_forward(graphdef, state, args, hidden_block=hidden_block))
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["guidance", "no_guidance"])
-def reference(request, tmp_path_factory):
-    guidance = request.param
+def _reference(guidance: bool, tmp_path_factory) -> dict:
     model = tiny_reference(guidance)
     directory = save_reference(model, tmp_path_factory.mktemp("diffusers"))
     x = inputs()
     return dict(model=model, dir=directory, guidance=guidance, x=x, out=reference_forward(model, x, guidance))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["guidance", "no_guidance"])
+def reference(request, tmp_path_factory):
+    """The tiny model with the guidance embedding (dev) and without (schnell)."""
+    return _reference(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    """The tiny model with the guidance embedding only, for the export paths."""
+    return _reference(True, tmp_path_factory)
 
 
 def test_diffusers_checkpoint_matches_and_hidden_tap_equals_block_output(reference):
@@ -86,45 +96,44 @@ def test_bfl_export_loads_back_with_same_outputs(reference, tmp_path):
         assert_close_relative(out, reference["out"], 1e-4, f"flux output via BFL file {path.name}")
 
 
-def test_diffusers_export_loads_strict_in_diffusers(reference, tmp_path):
-    model = flux.load(reference["dir"], param_dtype="float32")
+def test_diffusers_export_loads_strict_in_diffusers(dev, tmp_path):
+    model = flux.load(dev["dir"], param_dtype="float32")
     flux.save(model, tmp_path / "out", format="diffusers", max_shard_bytes=40_000)
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     again = FluxTransformer2DModel.from_pretrained(tmp_path / "out")
-    out = reference_forward(again.eval(), reference["x"], reference["guidance"])
-    assert_close_relative(out, reference["out"], 1e-6, "diffusers output after our export")
+    out = reference_forward(again.eval(), dev["x"], dev["guidance"])
+    assert_close_relative(out, dev["out"], 1e-6, "diffusers output after our export")
 
     strict = FluxTransformer2DModel(**{k: v for k, v in again.config.items() if not k.startswith("_")})
     state = {}
     for name in sorted((tmp_path / "out").glob("*.safetensors")):
         state.update(torch_load_file(str(name)))
     strict.load_state_dict(state, strict=True)
-    for key, value in reference["model"].state_dict().items():
+    for key, value in dev["model"].state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_streaming_convert_between_formats(reference, tmp_path):
-    bfl = flux.convert_file(reference["dir"], tmp_path / "bfl.safetensors", "bfl")
+def test_streaming_convert_between_formats(dev, tmp_path):
+    bfl = flux.convert_file(dev["dir"], tmp_path / "bfl.safetensors", "bfl")
     back = flux.convert_file(bfl[0], tmp_path / "diffusers", "diffusers")
     assert back[0].name == "diffusion_pytorch_model.safetensors"
     state = torch_load_file(str(back[0]))
-    expected = reference["model"].state_dict()
+    expected = dev["model"].state_dict()
     assert set(state) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_remat_and_bf16_settings_still_match(reference):
-    x = reference["x"]
-    args = ours_args(x, reference["guidance"])
-    remat = flux.load(reference["dir"], remat="dots")
-    assert_close_relative(forward(remat, args), reference["out"], 1e-4, "flux output with remat=dots")
-    if reference["guidance"]:
-        half = flux.load(reference["dir"], dtype="bfloat16", param_dtype="bfloat16")
-        assert half.img_in.kernel[...].dtype == np.dtype("bfloat16")
-        out = forward(half, args)
-        assert out.dtype == np.dtype("bfloat16")
-        assert_close_relative(out.astype(np.float32), reference["out"], 5e-2, "bf16 flux output")
+def test_remat_and_bf16_settings_still_match(dev):
+    x = dev["x"]
+    args = ours_args(x, dev["guidance"])
+    remat = flux.load(dev["dir"], remat="dots")
+    assert_close_relative(forward(remat, args), dev["out"], 1e-4, "flux output with remat=dots")
+    half = flux.load(dev["dir"], dtype="bfloat16", param_dtype="bfloat16")
+    assert half.img_in.kernel[...].dtype == np.dtype("bfloat16")
+    out = forward(half, args)
+    assert out.dtype == np.dtype("bfloat16")
+    assert_close_relative(out.astype(np.float32), dev["out"], 5e-2, "bf16 flux output")
 
 
 def test_param_count_equals_diffusers_dev_on_meta_device():
@@ -135,13 +144,11 @@ def test_param_count_equals_diffusers_dev_on_meta_device():
     assert flux.param_count(flux.FluxConfig.schnell()) == sum(p.numel() for p in schnell.parameters())
 
 
-def test_bad_checkpoints_raise_errors_naming_the_key(tmp_path):
-    config = flux.FluxConfig(in_channels=16, out_channels=16, vec_in_dim=12, context_in_dim=24, hidden_size=32,
-                             num_heads=2, depth=2, depth_single_blocks=3, axes_dim=(4, 6, 6))
-    model = flux.Flux(config, rngs=nnx.Rngs(0))
+def test_bad_checkpoints_raise_errors_naming_the_key(dev, tmp_path):
+    model = flux.load(dev["dir"])
     flux.save(model, tmp_path / "good.safetensors")
     tensors = load_file(str(tmp_path / "good.safetensors"))
-    metadata = {"sga_jax.flux_config": json.dumps(config.to_dict())}
+    metadata = {"sga_jax.flux_config": json.dumps(model.config.to_dict())}
 
     wrong = dict(tensors, **{"double_blocks.1.img_mod.lin.weight": np.zeros((190, 32), np.float32)})
     save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata=metadata)

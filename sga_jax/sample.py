@@ -1,0 +1,187 @@
+"""Flux sampling: latent packing, position ids, the shifted time schedule, seedable noise and a
+jitted Euler loop (one `lax.scan` over the steps). Returns latents; decoding to pixels belongs to
+the VAE and is added beside these pieces.
+
+Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed tokens are
+(B, h/2 * w/2, 4C) with features in BFL's (c, dy, dx) order, so the same weights work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+VelocityFn = Callable[..., jax.Array]
+
+
+def _check_grid(h: int, w: int) -> None:
+    if h % 2 or w % 2:
+        raise ValueError(f"latent grid {h} x {w} must have even sides (Flux packs 2 x 2 patches)")
+
+
+def pack(latents: jax.Array) -> jax.Array:
+    """(B, h, w, C) latents -> (B, h/2 * w/2, 4C) tokens, features ordered (c, dy, dx) as BFL."""
+    b, h, w, c = latents.shape
+    _check_grid(h, w)
+    x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack(tokens: jax.Array, h: int, w: int) -> jax.Array:
+    """Inverse of `pack`: (B, h/2 * w/2, 4C) -> (B, h, w, C) for a latent grid of h x w."""
+    _check_grid(h, w)
+    b, n, f = tokens.shape
+    if n != (h // 2) * (w // 2) or f % 4:
+        raise ValueError(f"tokens {tokens.shape} do not pack a {h} x {w} latent grid")
+    x = tokens.reshape(b, h // 2, w // 2, f // 4, 2, 2)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h, w, f // 4)
+
+
+def image_ids(b: int, h: int, w: int) -> jax.Array:
+    """Position ids (0, row, col) of the packed tokens of an h x w latent grid: (b, h/2 * w/2, 3)."""
+    _check_grid(h, w)
+    rows, cols = jnp.meshgrid(jnp.arange(h // 2), jnp.arange(w // 2), indexing="ij")
+    ids = jnp.stack([jnp.zeros_like(rows), rows, cols], axis=-1).reshape(1, -1, 3).astype(jnp.float32)
+    return jnp.broadcast_to(ids, (b, ids.shape[1], 3))
+
+
+def text_ids(b: int, length: int) -> jax.Array:
+    """Text position ids: all zeros, (b, length, 3)."""
+    return jnp.zeros((b, length, 3), jnp.float32)
+
+
+def latent_shape(height: int, width: int, channels: int = 16) -> tuple[int, int, int]:
+    """(h, w, C) of the F8 latent for an image of height x width pixels (sides rounded up to 16)."""
+    return 2 * math.ceil(height / 16), 2 * math.ceil(width / 16), channels
+
+
+def noise(key: jax.Array, b: int, height: int, width: int, channels: int = 16) -> jax.Array:
+    """Standard normal starting latents for b images of height x width pixels: (b, h, w, C)."""
+    return jax.random.normal(key, (b, *latent_shape(height, width, channels)), jnp.float32)
+
+
+def time_shift(mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
+    """BFL's exponential shift `e^mu / (e^mu + (1/t - 1)^sigma)` (0 at t = 0)."""
+    t = np.asarray(t, np.float64)
+    with np.errstate(divide="ignore"):
+        return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0) ** sigma)
+
+
+def schedule_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu linear in the image token count through (256, base_shift) and (4096, max_shift)."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return slope * image_seq_len + base_shift - slope * 256
+
+
+def time_schedule(
+    steps: int, image_seq_len: int, shift: bool = True, base_shift: float = 0.5, max_shift: float = 1.15
+) -> np.ndarray:
+    """Flux's times from 1 to 0: (steps + 1,) float32, shifted towards 1 for longer sequences."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = np.linspace(1.0, 0.0, steps + 1)
+    if shift:
+        t = time_shift(schedule_mu(image_seq_len, base_shift, max_shift), 1.0, t)
+    return t.astype(np.float32)
+
+
+def _velocity_fn(model: Any) -> VelocityFn:
+    """`fn(params, img, img_ids, txt, txt_ids, t, y, guidance)` from a GraphDef or such a function."""
+    if isinstance(model, nnx.GraphDef):
+        return lambda params, *args: nnx.merge(model, params)(*args)
+    if callable(model):
+        return model
+    raise TypeError(f"denoise: expected an nnx.GraphDef or a velocity function, got {type(model).__name__}")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def denoise(
+    model: Any,
+    params: Any,
+    x: jax.Array,
+    img_ids: jax.Array,
+    txt: jax.Array,
+    txt_ids: jax.Array,
+    y: jax.Array,
+    timesteps: jax.Array,
+    guidance: jax.Array | None = None,
+) -> jax.Array:
+    """Euler integration `x += (t_next - t) * v(x, t)` over `timesteps` (1 -> 0), one lax.scan.
+
+    model: an `nnx.GraphDef` (merged with `params` inside) or a function
+    `fn(params, img, img_ids, txt, txt_ids, t, y, guidance) -> velocity`; static, so pass the same
+    object to reuse the compiled loop. x: packed noise (B, L, C). timesteps: (steps + 1,).
+    guidance: scalar or (B,) guidance strength for dev models, None otherwise.
+    """
+    velocity = _velocity_fn(model)
+    batch = x.shape[0]
+    guidance_vec = None if guidance is None else jnp.broadcast_to(jnp.asarray(guidance, x.dtype), (batch,))
+
+    def step(x: jax.Array, times: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        t_cur, t_next = times
+        t_vec = jnp.full((batch,), t_cur, x.dtype)
+        v = velocity(params, x, img_ids, txt, txt_ids, t_vec, y, guidance_vec)
+        return x + (t_next - t_cur) * v.astype(x.dtype), None
+
+    x, _ = jax.lax.scan(step, x, (timesteps[:-1], timesteps[1:]))
+    return x
+
+
+def sample_latents(
+    model: nnx.Module,
+    txt: jax.Array,
+    y: jax.Array,
+    *,
+    height: int,
+    width: int,
+    steps: int = 50,
+    guidance: float = 3.5,
+    key: jax.Array | None = None,
+    latents: jax.Array | None = None,
+    txt_ids: jax.Array | None = None,
+    shift: bool | None = None,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> jax.Array:
+    """Sample Flux latents (B, h, w, C) for images of height x width pixels.
+
+    txt (B, L, context_in_dim) and y (B, vec_in_dim) are the T5 and pooled CLIP embeddings.
+    Starting noise: `latents` when given, else drawn from `key`. guidance is used by
+    guidance-distilled (dev) models only. shift defaults to BFL's choice: on for dev, off for
+    schnell (models without a guidance embedding).
+    """
+    config = model.config
+    b = txt.shape[0]
+    if latents is None:
+        if key is None:
+            raise ValueError("sample_latents: pass a PRNG `key` or starting `latents`")
+        latents = noise(key, b, height, width, config.in_channels // 4)
+    h, w, c = latents.shape[1:]
+    if (h, w) != latent_shape(height, width)[:2] or 4 * c != config.in_channels:
+        raise ValueError(
+            f"latents {latents.shape} do not fit {height} x {width} images for a model with "
+            f"{config.in_channels} input channels (expected (B, *{latent_shape(height, width, config.in_channels // 4)}))"
+        )
+    x = pack(latents.astype(jnp.float32))
+    shift = config.guidance_embed if shift is None else shift
+    timesteps = jnp.asarray(time_schedule(steps, x.shape[1], shift, base_shift, max_shift))
+    txt_ids = text_ids(b, txt.shape[1]) if txt_ids is None else txt_ids
+    graphdef, params = nnx.split(model)
+    x = denoise(
+        graphdef,
+        params,
+        x,
+        image_ids(b, h, w),
+        txt,
+        txt_ids,
+        y,
+        timesteps,
+        jnp.float32(guidance) if config.guidance_embed else None,
+    )
+    return unpack(x, h, w)
