@@ -19,6 +19,7 @@ from sga_jax.data import (
     default_data_config,
     make_buckets,
     make_pipeline,
+    skimage_sample_dataset,
     to_global,
 )
 
@@ -159,7 +160,7 @@ def test_tfds_array_record_dataset_reads_through_the_pipeline(tmp_path):
                 yield i, {"image": encode(Image.fromarray(pixels), "PNG"), "caption": f"image {i}"}
 
     TinyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    config = _config("", source="tfds", global_batch_size=3)
+    config = _config("", source="tfds", global_batch_size=3, worker_count=1)  # the source pickles into workers
     config.tfds.name, config.tfds.data_dir = "tiny_captions", str(tmp_path)
     pipeline = make_pipeline(config, seed=0)
     batches = list(pipeline)
@@ -188,7 +189,7 @@ def test_caption_cache_joined_by_key_and_cache_as_source(dataset, tmp_path):
                 np.testing.assert_array_equal(txt, embeddings[key])
                 seen += 1
     assert seen == len(embeddings)
-    cached = make_pipeline(_config(cache_dir, global_batch_size=2), seed=0)
+    cached = make_pipeline(_config(cache_dir, global_batch_size=2, worker_count=1), seed=0)
     keys = _valid_keys(list(cached))
     assert sorted(keys) == sorted(embeddings)
 
@@ -224,3 +225,15 @@ def test_validate_cli_reports_json(dataset):
     assert all(reason in skipped[name] for name, reason in bad.items())
     want = collections.Counter(f"{w}x{h}" for w, h in map(lambda s: _expected_bucket(*s), good.values()))
     assert report["buckets"] == dict(want)
+
+
+def test_skimage_sample_dataset_trains_on_real_photographs(tmp_path):
+    captions = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat", "rocket": "a rocket"}
+    directory = skimage_sample_dataset(tmp_path / "demo", captions)
+    pipeline = make_pipeline(_config(directory, global_batch_size=2, max_image_pixels=10**6), seed=0)
+    assert pipeline.stats["readable"] == 4 and not pipeline.stats["skipped"]
+    got = {key: caption for batch in pipeline for key, caption in zip(batch["key"], batch["caption"])}
+    assert got == {"astronaut.png": "an astronaut", "coffee.png": "a cup of coffee", "chelsea.png": "a cat",
+                   "rocket.jpg": "a rocket"}
+    with pytest.raises(ValueError, match="no bundled scikit-image sample 'lena'"):
+        skimage_sample_dataset(tmp_path / "x", {"lena": "?"})
