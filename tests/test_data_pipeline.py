@@ -237,3 +237,22 @@ def test_skimage_sample_dataset_trains_on_real_photographs(tmp_path):
                    "rocket.jpg": "a rocket"}
     with pytest.raises(ValueError, match="no bundled scikit-image sample 'lena'"):
         skimage_sample_dataset(tmp_path / "x", {"lena": "?"})
+
+
+def test_index_cache_reused_for_the_same_records(dataset, tmp_path, monkeypatch):
+    directory, good, _ = dataset
+    config = _config(directory, index_cache=str(tmp_path / "index.json"))
+    first = make_pipeline(config, seed=0)
+    assert (tmp_path / "index.json").is_file()
+    import sga_jax.data.pipeline as pipeline_module
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the index cache was not used")
+
+    monkeypatch.setattr(pipeline_module, "_probe_all", no_probe)
+    second = make_pipeline(config, seed=0)
+    assert second.stats == first.stats
+    np.testing.assert_array_equal(second.index.record_bucket, first.index.record_bucket)
+    config.max_image_pixels = MAX_PIXELS + 1  # other settings: indexed again
+    with pytest.raises(AssertionError, match="not used"):
+        make_pipeline(config, seed=0)

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -65,6 +68,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     worker_count: Grain worker processes (0: load in this process). worker_buffer_size: batches
       each worker prepares ahead. read_threads / read_buffer_size: threads and buffer per process.
     index_threads: threads reading image headers when indexing.
+    index_cache: optional JSON file keeping the indexing results (image sizes, skip reasons) for
+      later starts with the same records and settings; every process indexes the whole dataset.
     max_image_pixels: larger images are refused per record (decompression bombs).
     verify: fully decode every image while indexing (slower start; no replacements later).
     """
@@ -91,6 +96,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.read_threads = 0
     config.read_buffer_size = 2
     config.index_threads = 8
+    config.index_cache = ""
     config.max_image_pixels = 8192 * 8192
     config.verify = False
     return config
@@ -158,25 +164,52 @@ def index_dataset(source: Any, config: Any, caption_cache: ArrayCacheSource | No
         return DatasetIndex(record_bucket, list(names), [None] * len(names), skipped, listed)
 
     buckets = buckets_from_config(config)
+    for i, result in enumerate(_probe_cached(source, config, caption_cache)):
+        if isinstance(result, str):
+            skipped.append({"path": _record_location(source[i]), "reason": result})
+        else:
+            record_bucket[i] = nearest_bucket(buckets, *result)
+    return DatasetIndex(record_bucket, [bucket_name(b) for b in buckets], list(buckets), skipped, listed)
 
-    def check(i: int) -> tuple[int, int | str]:
+
+def _probe_all(source: Any, config: Any, caption_cache: ArrayCacheSource | None) -> list[tuple[int, int] | str]:
+    """Each record's oriented (width, height), or the reason it cannot be used; header reads in threads."""
+
+    def check(i: int) -> tuple[int, int] | str:
         record = source[i]
         if caption_cache is not None and record["key"] not in caption_cache:
-            return i, f"key {record['key']!r} not in caption cache {caption_cache.directory}"
+            return f"key {record['key']!r} not in caption cache {caption_cache.directory}"
         try:
-            width, height = _check_image(record, config.max_image_pixels, config.verify)
+            return _check_image(record, config.max_image_pixels, config.verify)
         except BadRecord as error:
-            return i, str(error)
-        return i, nearest_bucket(buckets, width, height)
+            return str(error)
 
-    threads = max(1, config.index_threads)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        for i, result in pool.map(check, range(n)):
-            if isinstance(result, str):
-                skipped.append({"path": _record_location(source[i]), "reason": result})
-            else:
-                record_bucket[i] = result
-    return DatasetIndex(record_bucket, [bucket_name(b) for b in buckets], list(buckets), skipped, listed)
+    with concurrent.futures.ThreadPoolExecutor(max(1, config.index_threads)) as pool:
+        return list(pool.map(check, range(len(source))))
+
+
+def _probe_cached(source: Any, config: Any, caption_cache: ArrayCacheSource | None) -> list[tuple[int, int] | str]:
+    """`_probe_all`, reusing `config.index_cache` (a JSON file) when it was written for the same
+    records and settings: restarts of a large run skip re-reading every image header."""
+    if not config.index_cache:
+        return _probe_all(source, config, caption_cache)
+    identity = {
+        "source": source.identity(), "records": len(source), "max_image_pixels": config.max_image_pixels,
+        "verify": config.verify,
+        "caption_cache": None if caption_cache is None else [caption_cache.fingerprint, len(caption_cache)],
+    }
+    path = Path(config.index_cache)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("identity") == identity:
+            return [tuple(r) if isinstance(r, list) else r for r in stored["results"]]
+        log.warning("index cache %s was written for other records or settings; indexing again", path)
+    results = _probe_all(source, config, caption_cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"identity": identity, "results": results}))
+    os.replace(tmp, path)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------

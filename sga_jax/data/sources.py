@@ -15,6 +15,7 @@ be listed (bad JSON lines, missing caption files), as {"path", "reason"}.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,11 @@ class MetadataJsonlSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.records[index]
 
+    def identity(self) -> str:
+        """Names this listing: the folder and a hash of its record keys (for index caches)."""
+        keys = "\n".join(record["key"] for record in self.records)
+        return f"{type(self).__name__}:{self.directory.resolve()}:{hashlib.sha1(keys.encode()).hexdigest()}"
+
     def __repr__(self) -> str:
         return f"MetadataJsonlSource({str(self.directory)!r}, records={len(self)})"
 
@@ -102,6 +108,11 @@ class CaptionsTxtSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.records[index]
 
+    def identity(self) -> str:
+        """Names this listing: the folder and a hash of its record keys (for index caches)."""
+        keys = "\n".join(record["key"] for record in self.records)
+        return f"{type(self).__name__}:{self.directory.resolve()}:{hashlib.sha1(keys.encode()).hexdigest()}"
+
     def __repr__(self) -> str:
         return f"CaptionsTxtSource({str(self.directory)!r}, records={len(self)})"
 
@@ -114,7 +125,7 @@ class TfdsSource:
                  image_feature: str = "image", caption_feature: str = "caption"):
         import tensorflow_datasets as tfds  # imported lazily: only this source needs it
 
-        self.name, self.split = name, split
+        self.name, self.split, self.data_dir = name, split, data_dir
         self.image_feature, self.caption_feature = image_feature, caption_feature
         self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                         decoders={image_feature: tfds.decode.SkipDecoding()})
@@ -133,6 +144,10 @@ class TfdsSource:
         if isinstance(caption, bytes):
             caption = caption.decode("utf-8")
         return {"key": f"{self.name}/{self.split}/{index}", "caption": str(caption), "data": example[self.image_feature]}
+
+    def identity(self) -> str:
+        """Names this dataset split (for index caches)."""
+        return f"tfds:{self.name}/{self.split}:{self.data_dir}:{len(self)}"
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, records={len(self)})"

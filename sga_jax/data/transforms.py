@@ -27,6 +27,12 @@ class BadRecord(Exception):
     """A record that cannot be used; `str(error)` is the reason shown to the user."""
 
 
+def _describe(error: Exception) -> str:
+    """The message of an error, with its type where the message alone is not telling."""
+    text = str(error)
+    return text if isinstance(error, OSError) and text else f"{type(error).__name__}: {text}"
+
+
 def open_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Image:
     """Open (without decoding pixels) and refuse empty files, non-images and images over `max_pixels`."""
     if isinstance(source, bytes):
@@ -48,8 +54,8 @@ def open_image(source: bytes | str | os.PathLike, max_pixels: int) -> Image.Imag
         raise BadRecord("not an image (PIL cannot identify it)") from error
     except Image.DecompressionBombError as error:
         raise BadRecord(f"decompression bomb refused by PIL: {error}") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadRecord(f"cannot read image header: {error}") from error
+    except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on corrupt input
+        raise BadRecord(f"cannot read image header: {_describe(error)}") from error
     width, height = image.size
     if width * height > max_pixels:
         image.close()
@@ -85,8 +91,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
-    except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncation and bad data as these
-        raise BadRecord(f"cannot decode: {error}") from error
+    except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on corrupt input
+        raise BadRecord(f"cannot decode: {_describe(error)}") from error
     mode = image.mode
     if mode in _HIGH_BIT_MODES:
         pixels = np.asarray(image, dtype=np.float32)
