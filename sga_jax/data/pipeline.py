@@ -63,8 +63,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       pixel_budget, multiple (edges are multiples of it) and max_aspect.
     random_crop: random crop offset (else center); flip: random horizontal flip.
     num_epochs: None repeats forever. shuffle: shuffle records and batch order every epoch.
-    remainder: "pad" fills each bucket's last batch with repeats marked valid=False (every image
-      is seen once per epoch); "drop" drops it.
+    remainder: "pad" fills each bucket's last batch with filler slots (valid=False), so every
+      image is seen once per epoch; "drop" drops it.
     worker_count: Grain worker processes (0: load in this process). worker_buffer_size: batches
       each worker prepares ahead. read_threads / read_buffer_size: threads and buffer per process.
     index_threads: threads reading image headers when indexing.
