@@ -178,8 +178,11 @@ class TextEncoder:
 
 def tokenizer_digest(tokenizer: Any) -> str:
     """sha256 of a fast tokenizer's serialised pipeline (vocabulary, merges, normalizer, ...) and
-    its special tokens."""
-    state = tokenizer.backend_tokenizer.to_str()
+    its special tokens. The padding / truncation settings, which every call changes, are left out."""
+    pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
+    pipeline.pop("padding", None)
+    pipeline.pop("truncation", None)
+    state = json.dumps(pipeline, sort_keys=True)
     special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((state + special).encode()).hexdigest()
 

@@ -87,7 +87,10 @@ def load(path: str | os.PathLike, config: ClipTextConfig | None = None, *, shard
       path: a save_pretrained directory, a .safetensors file or an index.json.
       config: when None, read from `config.json` beside the weights (a `clip_text_model` or a full
         `clip` config), else inferred from tensor shapes.
-      shardings: optional State-shaped tree of shardings to place each parameter into.
+      shardings: optional shardings to place each parameter into as it is read: a tree matching
+        `nnx.state(model, nnx.Param)` (an nnx.State or its pure dict, e.g. from
+        `sga_jax.parallel.state_shardings`), or a function of the abstract parameter state that
+        returns one (the config is only known once the checkpoint is opened).
       **overrides: config fields to change (e.g. dtype="bfloat16").
     """
     path = Path(path)
@@ -101,6 +104,10 @@ def load(path: str | os.PathLike, config: ClipTextConfig | None = None, *, shard
         config = ClipTextConfig.from_dict({**config.to_dict(), **overrides})
     model = nnx.eval_shape(lambda: ClipTextModel(config, rngs=nnx.Rngs(0)))
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    if shardings is not None and not isinstance(shardings, nnx.State):
+        shardings = nnx.State(shardings)
     ignore = lambda key: key.startswith(_SKIPPED)
     state = W.load_state(reader, key_map(config), abstract, shardings=shardings, ignore=ignore)
     return nnx.merge(graphdef, state, rest)

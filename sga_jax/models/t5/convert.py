@@ -93,7 +93,10 @@ def load(path: str | os.PathLike, config: T5Config | None = None, *, shardings: 
       path: a save_pretrained directory, a .safetensors file or an index.json.
       config: the model's config; when None it is read from `config.json` beside the weights, or
         inferred from tensor shapes when there is none.
-      shardings: optional State-shaped tree of shardings to place each parameter into.
+      shardings: optional shardings to place each parameter into as it is read: a tree matching
+        `nnx.state(model, nnx.Param)` (an nnx.State or its pure dict, e.g. from
+        `sga_jax.parallel.state_shardings`), or a function of the abstract parameter state that
+        returns one (the config is only known once the checkpoint is opened).
       **overrides: config fields to change (e.g. dtype="bfloat16", param_dtype="bfloat16", remat="full").
     """
     path = Path(path)
@@ -108,6 +111,10 @@ def load(path: str | os.PathLike, config: T5Config | None = None, *, shardings: 
     ignore = lambda key: key in skipped or key.startswith(("decoder.", "lm_head."))
     model = nnx.eval_shape(lambda: T5EncoderModel(config, rngs=nnx.Rngs(0)))
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    if shardings is not None and not isinstance(shardings, nnx.State):
+        shardings = nnx.State(shardings)
     state = W.load_state(reader, key_map(config, embed_key), abstract, shardings=shardings, ignore=ignore)
     return nnx.merge(graphdef, state, rest)
 
