@@ -1,0 +1,137 @@
+"""Spatial Gram Alignment (SGA): the paper's Eq. 3-4 as jitted pure functions.
+
+    X = normalize_rows(gen),  Y = normalize_rows(ref)          (B, N, C) each, any widths
+    L_SGA = mean_b (1 / N^2) || X X^T - Y Y^T ||_F^2
+
+Two exact ways to compute it:
+
+* "gram": build both (N, N) spatial Gram matrices, O(N^2 C) work and an N x N buffer per sample.
+* "channel": the identity ||X X^T - Y Y^T||^2 = ||X^T X||^2 + ||Y^T Y||^2 - 2 ||X^T Y||^2, O(N C^2)
+  work and only (C, C) buffers. It subtracts large terms, so every product runs in float32 at
+  the highest matmul precision (no TF32 / bf16 passes on GPU or TPU).
+
+Precision. "gram" forms the difference G_X - G_Y before squaring, so its float32 result keeps a
+relative error near 1e-7 however small the loss. "channel" squares first and subtracts after: its
+absolute error is a small multiple of eps_f32 * (||X^T X||^2 + ||Y^T Y||^2) / N^2 (about
+eps_f32 * 2 / C for unrelated features), which is far below any loss met in training but
+dominates as the loss approaches zero (X close to the orbit {Y Q}). Its gradient,
+(4 / N^2) (X X^T X - Y Y^T X), is formed as a difference of (N, C) products and stays accurate.
+Use method="gram" to evaluate losses near zero to full relative precision.
+
+"auto" picks the one with fewer multiply-adds from the static shapes (channel whenever N exceeds
+about 1.5 C). Inputs of any float dtype are cast to float32 first, so a bf16 forward still gives a
+float32 loss.
+
+Zero rows: normalisation is x * rsqrt(max(|x|^2, eps^2)), so a row with norm below `eps` is
+divided by `eps` instead of its norm. An all-zero row stays exactly zero, contributes a zero row
+and column to its Gram matrix, and the loss and its gradient are finite (the gradient with respect
+to a zero row is the upstream gradient scaled by 1/eps). `eps` is far below the norm of any real
+feature row, so it changes nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Method = Literal["auto", "gram", "channel"]
+METHODS = ("auto", "gram", "channel")
+NORM_EPS = 1e-6
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_tokens(name: str, x: jax.Array) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be (B, N, C) tokens, got shape {tuple(x.shape)} (rank {x.ndim})")
+    if 0 in x.shape:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}; B, N and C must all be positive")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def check_pair(gen: jax.Array, ref: jax.Array, *, same_width: bool = False) -> None:
+    """Raise a ValueError naming both shapes unless gen and ref are (B, N, C) tokens that match.
+
+    Batch and token counts must agree; widths too when `same_width` (patch-wise losses).
+    """
+    _check_tokens("gen", gen)
+    _check_tokens("ref", ref)
+    if gen.shape[:2] != ref.shape[:2]:
+        raise ValueError(
+            f"gen {tuple(gen.shape)} and ref {tuple(ref.shape)} must share batch and token count (B, N); "
+            "pool them to one grid first (sga_jax.align.adaptive_avg_pool)"
+        )
+    if same_width and gen.shape[-1] != ref.shape[-1]:
+        raise ValueError(
+            f"gen {tuple(gen.shape)} and ref {tuple(ref.shape)} must have the same width C for a "
+            "patch-wise loss; project gen with a head first"
+        )
+
+
+def normalize_rows(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+    """L2-normalise the last axis in float32: x * rsqrt(max(|x|^2, eps^2)); zero rows stay zero."""
+    x = x.astype(jnp.float32)
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def spatial_gram(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+    """(B, N, C) tokens -> (B, N, N) float32 Gram matrix X X^T of the row-normalised tokens."""
+    _check_tokens("x", x)
+    xn = normalize_rows(x, eps)
+    return jnp.einsum("bnc,bmc->bnm", xn, xn, precision=_HIGHEST)
+
+
+def _gram_sq_dist(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-sample ||X X^T - Y Y^T||_F^2 through the (N, N) Gram matrices."""
+    diff = jnp.einsum("bnc,bmc->bnm", x, x, precision=_HIGHEST) - jnp.einsum(
+        "bnc,bmc->bnm", y, y, precision=_HIGHEST
+    )
+    return jnp.sum(diff * diff, axis=(1, 2))
+
+
+def _channel_sq_dist(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Per-sample ||X^T X||^2 + ||Y^T Y||^2 - 2 ||X^T Y||^2 through (C, C) products only."""
+    xx = jnp.einsum("bnc,bnd->bcd", x, x, precision=_HIGHEST)
+    yy = jnp.einsum("bnc,bnd->bcd", y, y, precision=_HIGHEST)
+    xy = jnp.einsum("bnc,bnd->bcd", x, y, precision=_HIGHEST)
+    return jnp.sum(xx * xx, axis=(1, 2)) + jnp.sum(yy * yy, axis=(1, 2)) - 2.0 * jnp.sum(xy * xy, axis=(1, 2))
+
+
+def choose_method(n: int, c_gen: int, c_ref: int) -> Literal["gram", "channel"]:
+    """The cheaper exact method for N tokens and widths (c_gen, c_ref), by forward multiply-adds.
+
+    gram: N^2 (c_gen + c_ref); channel: N (c_gen^2 + c_ref^2 + c_gen c_ref). Ties go to gram, which
+    has no cancellation.
+    """
+    gram_cost = n * n * (c_gen + c_ref)
+    channel_cost = n * (c_gen * c_gen + c_ref * c_ref + c_gen * c_ref)
+    return "channel" if channel_cost < gram_cost else "gram"
+
+
+def sga_loss(gen: jax.Array, ref: jax.Array, *, method: Method = "auto", eps: float = NORM_EPS) -> jax.Array:
+    """Spatial Gram Alignment loss, the batch mean of (1/N^2) ||G(gen) - G(ref)||_F^2.
+
+    Args:
+      gen: (B, N, C_gen) projected generative tokens.
+      ref: (B, N, C_ref) foundation-prior tokens on the same N-token grid (widths may differ).
+      method: "gram" (N x N matrices), "channel" (C x C identity, no N x N buffer) or "auto"
+        (the cheaper of the two for these static shapes). All give the same value.
+      eps: rows with L2 norm below eps are scaled by 1/eps instead (zero rows stay zero).
+    Returns:
+      A float32 scalar, whatever the input dtypes.
+    Raises:
+      ValueError: wrong rank, empty arrays, mismatched (B, N), or an unknown method.
+    """
+    check_pair(gen, ref)
+    if method not in METHODS:
+        raise ValueError(f"unknown SGA method {method!r}; expected one of {METHODS}")
+    n = gen.shape[1]
+    if method == "auto":
+        method = choose_method(n, gen.shape[-1], ref.shape[-1])
+    x = normalize_rows(gen, eps)
+    y = normalize_rows(ref, eps)
+    sq_dist = _gram_sq_dist(x, y) if method == "gram" else _channel_sq_dist(x, y)
+    return jnp.mean(sq_dist) / float(n * n)
