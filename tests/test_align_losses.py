@@ -289,3 +289,23 @@ def test_sharded_inputs_match_single_device(spec):
         loss, grad = step(gen_s, ref_s)
         np.testing.assert_allclose(float(loss), float(single_loss), rtol=1e-6, atol=1e-7, err_msg=name)
         assert_close_relative(grad, single_grad, tol=1e-6, what=f"sharded gradient ({name})")
+
+
+@pytest.mark.parametrize("method", ("gram", "channel"))
+def test_forward_mode_and_hessian_vector_products_match_torch(method):
+    gen, ref = random_pair((2, 10, 6, 5), seed=9)
+    tangent = np.random.default_rng(10).normal(size=gen.shape).astype(np.float32)
+    g = torch.tensor(gen, dtype=torch.float64, requires_grad=True)
+    r = torch.tensor(ref, dtype=torch.float64, requires_grad=True)
+    x, y = F.normalize(g, dim=-1), F.normalize(r, dim=-1)
+    diff = x @ x.transpose(1, 2) - y @ y.transpose(1, 2)
+    loss = (diff**2).sum(dim=(1, 2)).mean() / gen.shape[1] ** 2
+    (grad_gen,) = torch.autograd.grad(loss, g, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad_gen * torch.tensor(tangent, dtype=torch.float64)).sum(), g)
+
+    fn = lambda a: sga_loss(a, ref, method=method)  # noqa: E731
+    _, directional = jax.jvp(fn, (gen,), (tangent,))
+    expected_directional = float((grad_gen.detach().numpy() * tangent).sum())
+    assert abs(float(directional) - expected_directional) <= 1e-5 * abs(expected_directional)
+    _, ours_hvp = jax.jvp(jax.grad(fn), (gen,), (tangent,))
+    assert_close_relative(ours_hvp, hvp.numpy(), tol=1e-4, what=f"Hessian-vector product ({method})")
