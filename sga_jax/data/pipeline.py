@@ -256,8 +256,9 @@ class BatchPlan:
             order = rng.permutation(order)
         size = self.global_batch_size
         batches = []
-        for bucket in np.unique(self.record_bucket[order]):
-            members = order[self.record_bucket[order] == bucket]
+        grouped = order[np.argsort(self.record_bucket[order], kind="stable")]  # shuffled within buckets
+        buckets, starts = np.unique(self.record_bucket[grouped], return_index=True)
+        for bucket, members in zip(buckets, np.split(grouped, starts[1:])):
             full = len(members) // size * size
             for start in range(0, full, size):
                 batches.append((int(bucket), members[start : start + size], np.ones(size, bool)))
@@ -286,11 +287,14 @@ class BatchPlan:
 
 
 class BatchLoader:
-    """Maps a plan element to a batch dict; picklable, so Grain workers can run it."""
+    """Maps a plan element to a batch dict; picklable, so Grain workers can run it. With
+    `shared_memory` (set when it runs in worker processes) images are written into a new shared
+    memory block (zero-filled, like np.zeros) that Grain passes to the main process without a copy."""
 
     def __init__(self, source: Any, caption_cache: ArrayCacheSource | None, bucket_sizes: Sequence[Bucket | None],
-                 *, seed: int, max_image_pixels: int, random_crop: bool, flip: bool):
+                 *, seed: int, max_image_pixels: int, random_crop: bool, flip: bool, shared_memory: bool = False):
         self.source, self.caption_cache = source, caption_cache
+        self.shared_memory = shared_memory
         self.bucket_sizes = list(bucket_sizes)
         self.seed, self.max_image_pixels = seed, max_image_pixels
         self.random_crop, self.flip = random_crop, flip
@@ -304,7 +308,11 @@ class BatchLoader:
     def __call__(self, element: Mapping[str, Any]) -> dict[str, Any]:
         bucket = self.bucket_sizes[element["bucket"]]
         size = len(element["indices"])
-        images = None if bucket is None else np.zeros((size, bucket[1], bucket[0], 3), np.float32)
+        images = None
+        if bucket is not None:
+            shape = (size, bucket[1], bucket[0], 3)
+            # in a worker process, decode straight into shared memory: Grain hands it over uncopied
+            images = grain.multiprocessing.SharedMemoryArray(shape, np.float32) if self.shared_memory else np.zeros(shape, np.float32)
         rows: list[dict[str, Any] | None] = []
         errors = []
         for i, (index, slot, planned) in enumerate(zip(element["indices"], element["slots"], element["valid"])):
@@ -448,7 +456,7 @@ def make_pipeline(config: ml_collections.ConfigDict, *, seed: int, process_index
             f"(buckets: {index.histogram()}); use remainder='pad' or a smaller batch"
         )
     loader = BatchLoader(source, caption_cache, index.bucket_sizes, seed=seed, max_image_pixels=config.max_image_pixels,
-                         random_crop=config.random_crop, flip=config.flip)
+                         random_crop=config.random_crop, flip=config.flip, shared_memory=config.worker_count > 0)
     dataset = grain.MapDataset.source(plan).map(loader).to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     )
