@@ -83,6 +83,10 @@ def test_config_inferred_from_shapes_and_json_round_trip(tmp_path):
     from_json = t5.T5Config.from_hf_config(json.loads((folder / "config.json").read_text()))
     assert inferred == from_json
     assert t5.T5Config.from_dict(json.loads(json.dumps(from_json.to_dict()))) == from_json
+    for config in (t5.T5Config.tiny(), t5.T5Config.tiny(is_gated_act=False, dense_act_fn="relu")):
+        hf = transformers.T5Config(**config.to_hf_config())
+        assert (hf.is_gated_act, hf.dense_act_fn) == (config.is_gated_act, config.dense_act_fn)
+        assert t5.T5Config.from_hf_config(hf.to_dict()) == config
     with pytest.raises(ValueError, match="num_heads"):
         t5.T5Config.tiny(num_heads=0)
     with pytest.raises(ValueError, match="unknown fields"):

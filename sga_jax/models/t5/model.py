@@ -118,13 +118,13 @@ class T5Config:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "T5Config":
         """Build from a transformers `config.json` dict (model_type "t5")."""
-        if hf.get("model_type", "t5") not in ("t5", "umt5"):
+        if hf.get("model_type", "t5") != "t5":
             raise ValueError(f"not a T5 config: model_type={hf.get('model_type')!r}")
+        # As transformers' T5Config: both come from feed_forward_proj ("relu", "gated-gelu", ...),
+        # and "gated-gelu" means the tanh approximation.
         projection = hf.get("feed_forward_proj", "relu")
-        gated = projection.startswith("gated-")
-        act = hf.get("dense_act_fn") or projection.split("-")[-1]
-        if act == "gelu" and gated:  # transformers maps "gated-gelu" to the tanh approximation
-            act = "gelu_new"
+        gated = projection.split("-")[0] == "gated"
+        act = "gelu_new" if projection == "gated-gelu" else projection.split("-")[-1]
         fields = dict(
             vocab_size=hf["vocab_size"],
             d_model=hf["d_model"],
@@ -136,9 +136,16 @@ class T5Config:
             relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
             dense_act_fn=act,
-            is_gated_act=hf.get("is_gated_act", gated),
+            is_gated_act=gated,
         )
         return cls(**{**fields, **overrides})
+
+    def _feed_forward_proj(self) -> str:
+        if self.is_gated_act and self.dense_act_fn in ("gelu_new", "gelu_pytorch_tanh"):
+            return "gated-gelu"
+        if self.is_gated_act and self.dense_act_fn == "gelu":
+            raise ValueError("transformers' T5Config cannot express a gated exact-GELU feed-forward")
+        return ("gated-" if self.is_gated_act else "") + self.dense_act_fn
 
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers `config.json` of a `T5EncoderModel` with these shapes."""
@@ -156,7 +163,7 @@ class T5Config:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "dense_act_fn": self.dense_act_fn,
             "is_gated_act": self.is_gated_act,
-            "feed_forward_proj": ("gated-" if self.is_gated_act else "") + ("gelu" if "gelu" in self.dense_act_fn else self.dense_act_fn),
+            "feed_forward_proj": self._feed_forward_proj(),
             "is_encoder_decoder": False,
             "use_cache": False,
             "pad_token_id": 0,
