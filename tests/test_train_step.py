@@ -99,6 +99,9 @@ def test_params_and_optimizer_state_are_sharded(engines):
         assert {s.data.shape for s in m.addressable_shards} == {(2, 4, 32)}
     assert engine.state.ema["inp"]["kernel"].sharding.spec == P(None, "fsdp")
     assert adam.count.sharding.spec == P()
+    with engine.context():  # the batch stays split over (data, fsdp) inside the step
+        compiled = engine.step_fn.lower(engine.state, engine.frozen, engine.next_arrays()).compile()
+    assert compiled.input_shardings[0][2]["x"].spec == P(("data", "fsdp"))
     estimate = state_lib.memory_estimate(engine.run.setup)
     param_bytes = sum(x.size * 4 for x in jax.tree.leaves(engine.state.params))
     assert estimate["params"] < param_bytes  # really split across devices
@@ -167,3 +170,23 @@ def test_config_errors_are_clear():
         loop.build_run(toy_config(**{"optimizer.schedule": "linear"}))
     with pytest.raises(ValueError, match=r"config.task='nope'"):
         loop.build_run(toy_config(task="nope"))
+
+
+def test_checkpoint_restores_into_target_shardings(engines, tmp_path):
+    from sga_jax.train.checkpoint import Checkpointer
+
+    engine = engines["sharded"].reset()
+    engine.step()
+    expected = host(engine.state)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpointer.save(1, engine.state, engine.batches.get_state(), {"seed": 0})
+    setup = engine.run.setup
+    restored, data, config, meta = checkpointer.restore(1, state_lib.with_shardings(setup.abstract_state, setup.state_shardings))
+    checkpointer.close()
+    assert data == {"index": 1, "seed": 0} and config == {"seed": 0} and meta["step"] == 1
+    jax.tree.map(np.testing.assert_array_equal, host(restored), expected)
+    for array, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(setup.state_shardings)):
+        assert array.sharding.is_equivalent_to(sharding, array.ndim), (array.sharding, sharding)
+    with pytest.raises(ValueError, match="no finalised checkpoint for step 2"):
+        Checkpointer(tmp_path / "checkpoints").restore(2, setup.abstract_state)
+
