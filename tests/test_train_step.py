@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from sga_jax import parallel
 from sga_jax.train import loop, state as state_lib
+from sga_jax.train.toy import ToyTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
 import toy  # noqa: E402
@@ -190,3 +191,22 @@ def test_checkpoint_restores_into_target_shardings(engines, tmp_path):
     with pytest.raises(ValueError, match="no finalised checkpoint for step 2"):
         Checkpointer(tmp_path / "checkpoints").restore(2, setup.abstract_state)
 
+
+
+
+class LoadedTeacherTask(ToyTask):
+    """The toy task with its frozen teacher "loaded from files" (here: constants) into the given
+    shardings, as a stage loads pre-trained weights."""
+
+    def load_frozen(self, abstract, shardings):
+        return jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 0.5, a.dtype), s), abstract, shardings)
+
+
+def test_task_by_dotted_path_with_load_frozen():
+    engine = Engine(toy_config(task="test_train_step:LoadedTeacherTask"))
+    assert isinstance(engine.run.task, LoadedTeacherTask)
+    kernel = engine.frozen["up"]["kernel"]
+    assert kernel.sharding.is_equivalent_to(engine.run.setup.frozen_shardings["up"]["kernel"], 2)
+    np.testing.assert_array_equal(np.asarray(kernel), 0.5)
+    engine.step()
+    np.testing.assert_array_equal(np.asarray(engine.frozen["up"]["kernel"]), 0.5)

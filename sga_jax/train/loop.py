@@ -52,11 +52,20 @@ class RunResult:
     last_metrics: dict[str, float]
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short by a crash."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricWriter:
     """metrics.jsonl plus TensorBoard scalars, written by process 0 only.
 
     On resume at step S, lines of metrics.jsonl for steps after S (logged by a run that died before
-    its next checkpoint) are dropped, so the file reads as one consistent history.
+    its next checkpoint) and a last line cut short by the crash are dropped, so the file reads as
+    one consistent history.
     """
 
     def __init__(self, workdir: Path, *, resume_step: int, tensorboard: bool):
@@ -66,8 +75,7 @@ class MetricWriter:
         if not self.enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from tensorboardX import SummaryWriter

@@ -58,7 +58,8 @@ def make_train_step(
     rules: dict | None = None,
 ) -> StepFn:
     """The un-jitted train step. With `mesh` and `rules`, micro-batches are constrained to the batch
-    sharding. Metrics: loss, the task's metrics, grad_norm, lr, skipped (0/1), nan_skips."""
+    sharding. Metrics: loss, the task's metrics, grad_norm, lr (of this update), skipped (0/1),
+    nan_skips and nan_streak (after this step)."""
     dtype = jnp.dtype(compute_dtype)
     k = int(grad_accum_steps)
 
@@ -106,7 +107,10 @@ def make_train_step(
         finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def keep(new: Any, old: Any) -> Any:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         ema = state.ema
         if ema is not None:
             ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params), ema)

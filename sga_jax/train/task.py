@@ -38,7 +38,8 @@ Optional hooks (looked up with getattr; absent means "not used"):
     writes images under `workdir/samples/` and may return scalars to log.
 
 ``evaluate(trainable, frozen, step, workdir, rng) -> dict[str, float]``
-    Called every `config.eval_every` steps; the returned scalars are logged with an "eval_" prefix.
+    Called every `config.eval_every` steps (and at the end), with the EMA parameters when EMA is
+    on; the returned scalars are logged with an "eval_" prefix (sample's with "sample_").
 
 ``images_per_example`` (attribute, default 1)
     Used for the images/s figure of the progress bar.

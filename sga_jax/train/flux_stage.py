@@ -1,0 +1,360 @@
+"""Stage 2: SGA fine-tuning of Flux (paper Eq. 8), as a Task for the training engine.
+
+One step: images -> frozen VAE encode (posterior mean, F16 or F8) -> pack -> noise at t
+(logit-normal or uniform, optionally Flux's resolution shift) -> Flux forward with the hidden tap
+at double block k -> flow-matching loss (velocity MSE) or WLF (Haar sub-band x0 loss) ->
+plus lambda * alignment(head(hidden_k), prior(images)). The alignment is SGA (conv head, stride 2,
+pooled to the prior's long-edge grid), or for the paper's ablations iREPA or REPA at the same
+place, or none (vanilla fine-tuning).
+
+Only Flux and the head train. The VAE, the prior and the text encoders are frozen: they live in
+the frozen module (no gradients, no optimizer state, sharded by the same rules) and are loaded from
+the weight paths in the config, or randomly initialised when a path is empty (the demo, which says
+so). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
+written by `python -m sga_jax.encode` (`config.data.caption_cache`).
+
+Config: see `configs/flux_sga.py`; the task's own section is `config.model` (the networks and
+their weights), `config.objective`, `config.align` and `config.sample`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sga_jax import convert, parallel, sample
+from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
+from sga_jax.data.pipeline import make_pipeline
+from sga_jax.encoders import FoundationEncoder
+from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
+from sga_jax.text import encode_tokens, load_tokenizer, tokenize
+from sga_jax.train import flow_matching as fm
+
+log = logging.getLogger(__name__)
+
+ALIGN_METHODS = ("sga", "irepa", "repa", "none")
+OBJECTIVES = ("fm", "wlf")
+PRIOR_FAMILIES = {"dinov2": dinov2, "dinov3": dinov3, "sam2": sam2}
+PRIOR_MODELS = {"dinov2": (dinov2.Dinov2Config, dinov2.Dinov2), "dinov3": (dinov3.Dinov3Config, dinov3.Dinov3),
+                "sam2": (sam2.Sam2HieraConfig, sam2.Sam2Hiera)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """Resolved configs of every network of the stage (built once by `configure`)."""
+
+    flux: flux.FluxConfig
+    vae: vae.AutoEncoderConfig
+    prior_kind: str
+    prior: Any
+    t5: t5.T5Config | None
+    clip: clip.ClipTextConfig | None
+
+
+class FluxWithHead(nnx.Module):
+    """The trainable part: Flux and the alignment head (None for vanilla fine-tuning)."""
+
+    def __init__(self, flux_config: flux.FluxConfig, head: nnx.Module | None, *, rngs: nnx.Rngs):
+        self.flux = flux.Flux(flux_config, rngs=rngs)
+        self.head = head
+
+
+class FrozenModels(nnx.Module):
+    """The frozen part: the VAE, the prior (None without alignment) and the text encoders (None
+    when captions come from a cache)."""
+
+    def __init__(self, ae: vae.AutoEncoder, prior: FoundationEncoder | None, t5_model: Any, clip_model: Any):
+        self.vae = ae
+        self.prior = prior
+        self.t5 = t5_model
+        self.clip = clip_model
+
+
+def _config_from(section: ml_collections.ConfigDict, cls: Any, family: str) -> Any:
+    """A model config from `section`: a converted directory's config, a preset, then overrides."""
+    weights = section.get("weights", "")
+    if weights and convert.is_converted(weights):
+        config = cls.from_dict(json.loads((Path(weights) / convert.CONFIG_FILE).read_text())["config"])
+    elif weights and hasattr(cls, "from_hf_config") and (Path(weights) / "config.json").is_file():
+        config = cls.from_hf_config(json.loads((Path(weights) / "config.json").read_text()))
+    elif weights and family in ("flux", "vae"):
+        config = {"flux": flux.infer_config, "vae": vae.infer_config}[family](weights)
+    else:
+        preset = section.get("preset", "")
+        if not preset or not hasattr(cls, preset):
+            raise ValueError(f"config.model.{family}: give `weights` or a `preset` of {cls.__name__}, got {preset!r}")
+        config = getattr(cls, preset)()
+    overrides = dict(section.get("overrides", {}) or {})
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _latent_grid(ae_config: vae.AutoEncoderConfig, height: int, width: int) -> tuple[int, int]:
+    factor = ae_config.downsample_factor
+    if height % (2 * factor) or width % (2 * factor):
+        raise ValueError(
+            f"image {height}x{width} must be a multiple of {2 * factor} px (VAE factor {factor} x Flux's 2x2 packing); "
+            "set config.data.buckets.multiple accordingly"
+        )
+    return height // factor, width // factor
+
+
+class FluxSGATask:
+    """The diffusion stage: see the module docstring. Registered as task "flux_sga"."""
+
+    images_per_example = 1
+
+    def configure(self, config: ml_collections.ConfigDict) -> None:
+        """Resolve and check every network config before anything compiles."""
+        m = config.model
+        compute = config.precision.compute_dtype
+        flux_config = dataclasses.replace(_config_from(m.flux, flux.FluxConfig, "flux"), dtype=compute,
+                                          param_dtype="float32", remat=m.flux.get("remat", "none"),
+                                          attention=m.get("attention", "xla"))
+        frozen_dtype = m.get("frozen_dtype", "float32")
+        vae_config = dataclasses.replace(_config_from(m.vae, vae.AutoEncoderConfig, "vae"),
+                                         dtype=frozen_dtype, param_dtype=frozen_dtype)
+        prior_kind = m.prior.kind
+        if prior_kind not in PRIOR_MODELS:
+            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(PRIOR_MODELS)}")
+        prior_cls = PRIOR_MODELS[prior_kind][0]
+        prior_config = dataclasses.replace(_config_from(m.prior, prior_cls, prior_kind),
+                                           dtype=frozen_dtype, param_dtype=frozen_dtype)
+        on_the_fly = not config.data.caption_cache
+        t5_config = clip_config = None
+        if on_the_fly:
+            t5_config = dataclasses.replace(_config_from(m.t5, t5.T5Config, "t5"), dtype=frozen_dtype, param_dtype=frozen_dtype)
+            clip_config = dataclasses.replace(_config_from(m.clip, clip.ClipTextConfig, "clip"),
+                                              dtype=frozen_dtype, param_dtype=frozen_dtype)
+            if t5_config.d_model != flux_config.context_in_dim:
+                raise ValueError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
+        if vae_config.z_channels * 4 != flux_config.in_channels:
+            raise ValueError(
+                f"VAE latent channels {vae_config.z_channels} x 4 (2x2 packing) != Flux in_channels {flux_config.in_channels}"
+            )
+        align = config.align
+        if align.method not in ALIGN_METHODS:
+            raise ValueError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
+        if align.method != "none" and not 0 <= align.block < flux_config.depth:
+            raise ValueError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
+        if config.objective.kind not in OBJECTIVES:
+            raise ValueError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
+        self.config = config
+        self.networks = Networks(flux_config, vae_config, prior_kind, prior_config, t5_config, clip_config)
+
+    def _head(self, rngs: nnx.Rngs) -> nnx.Module | None:
+        align, nets = self.config.align, self.networks
+        if align.method == "none":
+            return None
+        hidden = nets.flux.hidden_size
+        prior_dim = nets.prior.embed_dim_per_stage[-1] if nets.prior_kind == "sam2" else nets.prior.hidden_size
+        if align.method == "sga":
+            return SGAHead(hidden, prior_dim, kernel_size=align.head_kernel, stride=align.head_stride, rngs=rngs)
+        if align.method == "irepa":
+            return IREPAHead(hidden, prior_dim, kernel_size=align.irepa_kernel, rngs=rngs)
+        return REPAHead(hidden, prior_dim, hidden=align.repa_hidden, rngs=rngs)
+
+    def _frozen(self, rngs: nnx.Rngs) -> FrozenModels:
+        nets = self.networks
+        prior = None
+        if self.config.align.method != "none":
+            prior_model = PRIOR_MODELS[nets.prior_kind][1](nets.prior, rngs=rngs)
+            prior = FoundationEncoder(nets.prior_kind, prior_model, long_edge=self.config.align.long_edge)
+        t5_model = t5.T5EncoderModel(nets.t5, rngs=rngs) if nets.t5 is not None else None
+        clip_model = clip.ClipTextModel(nets.clip, rngs=rngs) if nets.clip is not None else None
+        return FrozenModels(vae.AutoEncoder(nets.vae, rngs=rngs), prior, t5_model, clip_model)
+
+    def build(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> tuple[FluxWithHead, FrozenModels]:
+        """(trainable Flux + head, frozen VAE / prior / text encoders), randomly initialised."""
+        return FluxWithHead(self.networks.flux, self._head(rngs), rngs=rngs), self._frozen(rngs)
+
+    def load_pretrained(self, params: dict, shardings: dict) -> dict:
+        """Replace the random Flux parameters with `config.model.flux.weights` when it is set."""
+        path = self.config.model.flux.get("weights", "")
+        if not path:
+            log.warning("config.model.flux.weights is empty: Flux starts from RANDOM weights")
+            return params
+        model = convert.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
+                                   param_dtype="float32", remat=self.networks.flux.remat)
+        return {**params, "flux": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+
+    def load_frozen(self, abstract: dict, shardings: dict) -> dict:
+        """Frozen weights from their paths; parts without a path are randomly initialised (seeded)."""
+        seed = int(self.config.seed)
+
+        def init(key: jax.Array) -> dict:
+            return nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
+
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+        m = self.config.model
+        parts = [("vae", "vae", m.vae, {}), ("t5", "t5", m.t5, {}), ("clip", "clip", m.clip, {})]
+        if state.get("prior") is not None:
+            parts.append(("prior", self.networks.prior_kind, m.prior, {}))
+        dtype = m.get("frozen_dtype", "float32")
+        for name, family, section, _ in parts:
+            if state.get(name) is None:
+                continue
+            path = section.get("weights", "")
+            if not path:
+                log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
+                continue
+            if name == "prior":
+                model = convert.load_model(family, path, shardings=shardings["prior"]["model"], dtype=dtype, param_dtype=dtype)
+                state["prior"]["model"] = nnx.to_pure_dict(nnx.state(model))
+            else:
+                model = convert.load_model(family, path, shardings=shardings[name], dtype=dtype, param_dtype=dtype)
+                state[name] = nnx.to_pure_dict(nnx.state(model))
+        return state
+
+    def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
+        """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart."""
+        config = self.config
+        images = batch["image"]
+        b, height, width, _ = images.shape
+        h, w = _latent_grid(self.networks.vae, height, width)
+        latents = jax.lax.stop_gradient(frozen.vae.encode(images).astype(jnp.float32))
+        x0 = sample.pack(latents)
+        ids = sample.image_ids(b, h, w)
+        t_key, n_key = jax.random.split(rng)
+        t = fm.sample_timesteps(t_key, b, kind=config.objective.timesteps, mean=config.objective.logit_mean,
+                                std=config.objective.logit_std)
+        if config.objective.shift:
+            t = fm.shift_timesteps(t, sample.schedule_mu(x0.shape[1]))
+        x_t, target = fm.noisy_sample(x0, jax.random.normal(n_key, x0.shape, jnp.float32), t)
+        txt, txt_ids, vec = self._text(frozen, batch)
+        guidance = jnp.full((b,), config.guidance, jnp.float32) if self.networks.flux.guidance_embed else None
+        method = config.align.method
+        tap = None if method == "none" else int(config.align.block)
+        out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
+        velocity, hidden = (out, None) if tap is None else out
+        velocity = velocity.astype(jnp.float32)
+        weights = _example_weights(batch, b)
+        if config.objective.kind == "wlf":
+            x0_pred = sample.unpack(fm.predicted_x0(x_t, velocity, t), h, w)
+            wlf = jax.vmap(lambda p, q: fm.wavelet_loss(p[None], q[None], config.objective.wlf_weights))
+            main = jnp.sum(weights * wlf(x0_pred, latents))
+        else:
+            main = jnp.sum(weights * jnp.mean(jnp.square(velocity - target), axis=(1, 2)))
+        metrics = {"loss_fm": main, "t_mean": jnp.mean(t)}
+        if method == "none":
+            return main, metrics
+        align = jnp.sum(weights * self._alignment(trainable.head, frozen.prior, hidden, images, (h // 2, w // 2)))
+        metrics[f"loss_{method}"] = align
+        return main + config.align.weight * align, metrics
+
+    def _alignment(self, head: nnx.Module, prior: FoundationEncoder, hidden: jax.Array, images: jax.Array,
+                   hidden_grid: tuple[int, int]) -> jax.Array:
+        """Per-example alignment loss (B,) between head(hidden) and the prior's tokens."""
+        ref = prior(images)
+        b, gh, gw, c = ref.shape
+        ref = ref.reshape(b, gh * gw, c).astype(jnp.float32)
+        gen, _ = head(hidden, hidden_grid, out_grid=(gh, gw))
+        gen = gen.astype(jnp.float32)
+        align = self.config.align
+        loss_fn = {
+            "sga": functools.partial(sga_loss, method=align.sga_method),
+            "irepa": functools.partial(irepa_loss, alpha=align.irepa_alpha),
+            "repa": repa_loss,
+        }[align.method]
+        return jax.vmap(lambda g, r: loss_fn(g[None], r[None]))(gen, ref)
+
+    def _text(self, frozen: FrozenModels, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if "txt" in batch:
+            txt = batch["txt"].astype(jnp.float32)
+            return txt, jnp.zeros((*txt.shape[:2], 3), jnp.float32), batch["vec"].astype(jnp.float32)
+        txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch)
+        return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
+
+    def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
+        """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
+        return StageBatches(config, mesh, seed=seed)
+
+    def sample(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
+        """Sample `config.sample.prompts` with the Euler sampler, decode with the VAE, save a grid
+        (`samples/step_NNNNNN.png`) and redraw the loss curves (`loss_curve.png`)."""
+        from sga_jax.train import plots
+
+        workdir = Path(workdir)
+        plots.loss_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png")
+        s = self.config.sample
+        if not s.prompts:
+            return None
+        if frozen.t5 is None:
+            log.info("sampling skipped: captions come from a cache and no text encoders are loaded")
+            return None
+        tokens = self._tokenize(list(s.prompts))
+        txt, _, vec = _encode_prompts(frozen.t5, frozen.clip, tokens)
+        factor = self.networks.vae.downsample_factor
+        latents = sample.sample_latents(trainable.flux, txt, vec, height=s.height, width=s.width, steps=s.steps,
+                                        guidance=s.guidance, key=rng, vae_factor=factor)
+        images = _decode(frozen.vae, latents)
+        plots.save_grid(np.asarray(images), workdir / "samples" / f"step_{step:06d}.png", captions=list(s.prompts))
+        return None
+
+    def _tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        if not hasattr(self, "_tokenizers"):
+            m = self.config.model
+            self._tokenizers = (load_tokenizer("t5", m.t5.tokenizer), load_tokenizer("clip", m.clip.tokenizer))
+        t5_tok, clip_tok = self._tokenizers
+        t5_ids, t5_mask = tokenize(t5_tok, prompts, self.config.model.t5.length)
+        clip_ids, _ = tokenize(clip_tok, prompts, self.config.model.clip.length)
+        return {"t5_ids": t5_ids, "t5_mask": t5_mask, "clip_ids": clip_ids}
+
+
+def _example_weights(batch: dict, size: int) -> jax.Array:
+    """Per-example weights summing to 1 over the real examples (`valid`; padding slots get 0)."""
+    valid = batch.get("valid")
+    valid = jnp.ones((size,), jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return valid / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+@nnx.jit
+def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return encode_tokens(t5_model, clip_model, tokens)
+
+
+@nnx.jit
+def _decode(ae: vae.AutoEncoder, latents: jax.Array) -> jax.Array:
+    return jnp.clip(ae.decode(latents), -1.0, 1.0)
+
+
+class StageBatches:
+    """Batches for the step: images as global arrays, captions tokenised (or cached embeddings)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int):
+        self.task_config = config
+        self.mesh = mesh
+        self.rules = parallel.resolve_rules(config.sharding_rules)
+        self.pipeline = make_pipeline(config.data, seed=seed)
+        self.tokenizers = None
+        if not config.data.caption_cache:
+            m = config.model
+            self.tokenizers = (load_tokenizer("t5", m.t5.tokenizer), load_tokenizer("clip", m.clip.tokenizer))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = dict(next(self.pipeline))
+        if self.tokenizers is not None:
+            m = self.task_config.model
+            captions = [str(c) for c in batch["caption"]]
+            batch["t5_ids"], batch["t5_mask"] = tokenize(self.tokenizers[0], captions, m.t5.length)
+            batch["clip_ids"], _ = tokenize(self.tokenizers[1], captions, m.clip.length)
+        return parallel.host_to_global(batch, self.mesh, self.rules)
+
+    def get_state(self) -> dict[str, Any]:
+        return self.pipeline.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.pipeline.set_state(state)
