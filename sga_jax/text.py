@@ -13,7 +13,8 @@ on exactly that. `TextEncoder` does the same by default; `mask_t5=True` masks T5
 models trained that way. The T5 mask is still returned by `tokenize` (and cached) for such uses.
 
 Tokenizers are loaded from local directories with transformers (never from the hub).
-`build_demo_tokenizers` trains small ones with the `tokenizers` library, for tests and the demo.
+`build_demo_tokenizers` trains small ones with the `tokenizers` library, and
+`build_demo_text_folder` adds tiny random encoders in a Flux-layout folder, for tests and the demo.
 """
 
 from __future__ import annotations
@@ -125,10 +126,6 @@ class TextEncoder:
         self.t5_tokenizer, self.clip_tokenizer = t5_tokenizer, clip_tokenizer
         self.t5_length, self.clip_length = t5_length, clip_length
         self.mask_t5 = mask_t5
-        t5_graph, t5_state = nnx.split(t5_model)
-        clip_graph, clip_state = nnx.split(clip_model)
-        self._graphdefs = (t5_graph, clip_graph)
-        self._states = (t5_state, clip_state)
 
     @classmethod
     def from_pretrained(cls, t5_dir: str | os.PathLike, clip_dir: str | os.PathLike,
@@ -156,7 +153,9 @@ class TextEncoder:
         """Token arrays -> (txt, txt_ids, vec), compiled once per batch shape; the weights are
         passed to the compiled function as arguments."""
         arrays = {k: jnp.asarray(v) for k, v in tokens.items() if k in ("t5_ids", "t5_mask", "clip_ids")}
-        return _encode_jit(self._graphdefs, self._states, arrays, self.mask_t5)
+        t5_graph, t5_state = nnx.split(self.t5_model)
+        clip_graph, clip_state = nnx.split(self.clip_model)
+        return _encode_jit((t5_graph, clip_graph), (t5_state, clip_state), arrays, self.mask_t5)
 
     def __call__(self, prompts: Iterable[str]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Prompts -> (txt (B, t5_length, d_t5), txt_ids (B, t5_length, 3), vec (B, d_clip))."""
@@ -258,3 +257,20 @@ def build_demo_tokenizers(directory: str | os.PathLike, corpus: Iterable[str], *
     clip_dir = directory / "tokenizer"
     clip_tok.save_pretrained(str(clip_dir))
     return t5_dir, clip_dir
+
+
+def build_demo_text_folder(directory: str | os.PathLike, corpus: Iterable[str], *, seed: int = 0) -> Path:
+    """A Flux-layout text folder for demos and tests: `build_demo_tokenizers` plus random tiny
+    encoders sized to them (`T5Config.tiny`, `ClipTextConfig.tiny` with 77 positions), saved as
+    transformers writes them in `text_encoder_2` / `text_encoder`. Point `TextEncoder.from_pretrained`
+    or the encode CLI's `text.root` at the returned directory."""
+    directory = Path(directory)
+    t5_tok_dir, clip_tok_dir = build_demo_tokenizers(directory, corpus)
+    t5_vocab = len(load_tokenizer("t5", t5_tok_dir))
+    clip_vocab = len(load_tokenizer("clip", clip_tok_dir))
+    rngs = nnx.Rngs(seed)
+    t5_family.save(t5_family.T5EncoderModel(t5_family.T5Config.tiny(vocab_size=t5_vocab), rngs=rngs),
+                   directory / "text_encoder_2")
+    clip_config = clip_family.ClipTextConfig.tiny(vocab_size=clip_vocab, max_position_embeddings=77)
+    clip_family.save(clip_family.ClipTextModel(clip_config, rngs=rngs), directory / "text_encoder")
+    return directory

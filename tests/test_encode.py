@@ -10,11 +10,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from sga_jax import encode, text
 from sga_jax.data import default_data_config, open_cache
-from sga_jax.models import clip, t5
 
 CAPTIONS = [f"a photo of {n} red cats on a chair, watercolor" if n % 2 else f"a map of harbour {n} at dusk"
             for n in range(10)]
@@ -27,13 +25,7 @@ def world(tmp_path_factory):
     """A Flux-like folder (tiny random encoders + demo tokenizers) and a caption-only dataset whose
     image files do not exist: encoding must never open an image."""
     root = tmp_path_factory.mktemp("encode")
-    flux = root / "flux"
-    t5_tok_dir, clip_tok_dir = text.build_demo_tokenizers(flux, CAPTIONS)
-    t5_vocab = len(text.load_tokenizer("t5", t5_tok_dir))
-    clip_vocab = len(text.load_tokenizer("clip", clip_tok_dir))
-    t5.save(t5.T5EncoderModel(t5.T5Config.tiny(vocab_size=t5_vocab), rngs=nnx.Rngs(0)), flux / "text_encoder_2")
-    clip.save(clip.ClipTextModel(clip.ClipTextConfig.tiny(vocab_size=clip_vocab, max_position_embeddings=77),
-                                 rngs=nnx.Rngs(1)), flux / "text_encoder")
+    text.build_demo_text_folder(root / "flux", CAPTIONS)
     data = root / "data"
     data.mkdir()
     lines = [json.dumps({"file_name": f"img/{i:02d}.png", "text": c}) for i, c in enumerate(CAPTIONS)]
