@@ -352,13 +352,16 @@ def load_state(
     Every parameter must have a rule and every checkpoint key must be used (unless `ignore(key)`),
     else one error lists them all. Each parameter is read, transformed, cast to the dtype the model
     declares and put on its device(s) before the next one is read. `shardings` is an optional
-    State-shaped tree of `jax.sharding.Sharding` (e.g. from `sga_jax.parallel`).
+    State-shaped tree (an nnx.State or its pure dict) of `jax.sharding.Sharding`, e.g. from
+    `sga_jax.parallel.state_shardings`.
     """
     params = flat_params(abstract_state)
     unmapped = sorted(set(params) - set(key_map))
     if unmapped:
         raise CheckpointError(f"no conversion rule for parameters: {', '.join(unmapped[:20])}")
     check_keys(reader, key_map, ignore=ignore)
+    if shardings is not None and not isinstance(shardings, nnx.State):
+        shardings = nnx.State(shardings)  # a pure dict, e.g. from sga_jax.parallel.state_shardings
     target_shardings = flat_params(shardings) if shardings is not None else {}
     loaded = {}
     for name, var in params.items():

@@ -10,6 +10,7 @@ import transformers
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from sga_jax import parallel
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.models import dinov2, dinov3, sam2
 from tests.torch_reference import assert_close_relative, nhwc_to_nchw, randomize_, to_numpy
@@ -132,3 +133,22 @@ def test_batch_sharded_over_eight_devices_equals_one_device():
 def test_rejects_mismatched_model():
     with pytest.raises(ValueError, match="kind 'sam2' needs a Sam2Hiera, got Dinov3"):
         FoundationEncoder("sam2", dinov3.Dinov3(dinov3.Dinov3Config.tiny(), rngs=nnx.Rngs(0)))
+
+
+def test_loads_into_fsdp_shardings_and_matches_one_device(tiny_dinov2):
+    _, path = tiny_dinov2
+    mesh = parallel.make_mesh({"fsdp": 8})
+    rules = parallel.resolve_rules(None)
+    abstract = nnx.state(nnx.eval_shape(lambda: dinov2.Dinov2(dinov2.Dinov2Config.tiny(registers=True), rngs=nnx.Rngs(0))))
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    sharded = FoundationEncoder.from_pretrained("dinov2", path, long_edge=4, dtype="float32", shardings=shardings)
+    kernel = sharded.model.encoder.layer.mlp.fc1.kernel[...]
+    assert kernel.sharding.spec == PartitionSpec(None, "fsdp")
+    single = FoundationEncoder.from_pretrained("dinov2", path, long_edge=4, dtype="float32")
+    images = jax.random.uniform(jax.random.key(3), (8, 28, 28, 3), minval=-1, maxval=1)
+    graphdef, state = nnx.split(sharded)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    with parallel.activation_sharding(mesh, rules):
+        got = run(state, jax.device_put(images, parallel.batch_sharding(mesh, rules)))
+    want = jax.jit(lambda e, x: e(x))(single, images)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
