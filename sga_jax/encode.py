@@ -134,6 +134,7 @@ def run(config: Any, *, progress: bool = True) -> str:
     output = config.data.caption_cache
     if not output:
         raise ValueError("config.data.caption_cache is empty: set the directory to write the caption cache to")
+    source = open_source(config.data)  # before the (slow) encoders load, so a bad path fails at once
     mesh = rules = batch_sharding = None
     if "mesh" in config:
         mesh = parallel.make_mesh(dict(config.mesh), devices=jax.local_devices())
@@ -147,7 +148,6 @@ def run(config: Any, *, progress: bool = True) -> str:
             )
     text_encoder = text_encoder_from_config(config.text, mesh, rules)
     fingerprint = text_encoder.fingerprint()
-    source = open_source(config.data)
     count, index = jax.process_count(), jax.process_index()
     prefix = "part" if count == 1 else f"part-p{index:03d}"
     with ArrayCacheWriter(output, fingerprint, records_per_shard=config.text.records_per_shard,

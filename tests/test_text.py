@@ -1,6 +1,5 @@
 """TextEncoder against diffusers' FluxPipeline.encode_prompt, with tokenizers trained here (no downloads)."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
