@@ -7,7 +7,15 @@
     vae.save(ae, "out_dir", format="diffusers")
 """
 
-from sga_jax.models.vae.convert import detect_format, diffusers_config, infer_config, key_map, load, save
+from sga_jax.models.vae.convert import (
+    detect_format,
+    diffusers_config,
+    infer_config,
+    key_map,
+    load,
+    save,
+    shardings_for,
+)
 from sga_jax.models.vae.model import (
     AttnBlock,
     AutoEncoder,
@@ -40,6 +48,7 @@ __all__ = [
     "posterior_moments",
     "posterior_sample",
     "save",
+    "shardings_for",
     "tiled_map",
     "upsample_nearest",
 ]

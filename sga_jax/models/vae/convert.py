@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
 from sga_jax import weights as W
@@ -174,6 +175,14 @@ def load(
     rules = key_map(params, fmt, len(config.ch_mult))
     params = W.load_state(reader, rules, params, shardings=shardings, ignore=ignore)
     return nnx.merge(graphdef, params, rest)
+
+
+def shardings_for(config: AutoEncoderConfig, mesh: jax.sharding.Mesh, rules: Any = None) -> dict:
+    """Parameter shardings of an AutoEncoder on `mesh` from its logical axis names (for `load`)."""
+    from sga_jax import parallel
+
+    abstract = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
+    return parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh, parallel.resolve_rules(rules))
 
 
 def diffusers_config(config: AutoEncoderConfig) -> dict[str, Any]:
