@@ -32,7 +32,9 @@ def validate(config, *, quick: bool = False) -> dict:
     """{"records", "readable", "skipped": [{"path", "reason"}], "buckets": {"WxH": count}} of `config`'s dataset."""
     config = config.copy_and_resolve_references()
     config.verify = not quick
-    caption_cache = open_cache(config.caption_cache, config.caption_cache_fingerprint or None) if config.caption_cache else None
+    caption_cache = None
+    if config.caption_cache:
+        caption_cache = open_cache(config.caption_cache, config.caption_cache_fingerprint or None)
     index = index_dataset(open_source(config), config, caption_cache)
     return {"records": index.listed, "readable": index.readable, "skipped": index.skipped, "buckets": index.histogram()}
 

@@ -56,7 +56,8 @@ def nearest_bucket(buckets: Sequence[Bucket], width: int, height: int) -> int:
     return int(np.argmin(np.abs(log_ratios - math.log(width / height))))
 
 
-def cover_box(width: int, height: int, bucket: Bucket, offset: tuple[float, float]) -> tuple[float, float, float, float]:
+def cover_box(width: int, height: int, bucket: Bucket,
+              offset: tuple[float, float]) -> tuple[float, float, float, float]:
     """The source box (left, top, right, bottom) that resizes onto `bucket` after resizing the
     image to cover it: the largest box of the bucket's aspect ratio, placed at `offset` in [0, 1]^2
     of the slack (0.5, 0.5 is a center crop)."""

@@ -177,7 +177,8 @@ class ArrayCacheWriter:
             if name not in self._fields:
                 self._fields[name] = [dtype, shape]
             elif self._fields[name][0] != dtype:
-                raise ValueError(f"cache field {name!r} has dtype {self._fields[name][0]}, record {key!r} gives {dtype}")
+                raise ValueError(
+                    f"cache field {name!r} has dtype {self._fields[name][0]}, record {key!r} gives {dtype}")
             elif self._fields[name][1] is not None and self._fields[name][1] != shape:
                 self._fields[name][1] = None
         names = sorted(arrays)

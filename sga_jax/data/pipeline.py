@@ -102,7 +102,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     return config
 
 
-def buckets_from_config(config: Mapping[str, Any] | Any) -> list[Bucket]:
+def buckets_from_config(config: Any) -> list[Bucket]:
     """The bucket list of `config.buckets`: one fixed "WxH" size, or `make_buckets(...)`."""
     spec = config.buckets
     if spec.fixed:
@@ -312,7 +312,10 @@ class BatchLoader:
         if bucket is not None:
             shape = (size, bucket[1], bucket[0], 3)
             # in a worker process, decode straight into shared memory: Grain hands it over uncopied
-            images = grain.multiprocessing.SharedMemoryArray(shape, np.float32) if self.shared_memory else np.zeros(shape, np.float32)
+            if self.shared_memory:
+                images = grain.multiprocessing.SharedMemoryArray(shape, np.float32)
+            else:
+                images = np.zeros(shape, np.float32)
         rows: list[dict[str, Any] | None] = []
         errors = []
         for i, (index, slot, planned) in enumerate(zip(element["indices"], element["slots"], element["valid"])):
@@ -446,7 +449,8 @@ def make_pipeline(config: ml_collections.ConfigDict, *, seed: int, process_index
     where = config.path or f"tfds:{config.tfds.name}/{config.tfds.split}"
     if index.readable == 0:
         reasons = "; ".join(f"{e['path']}: {e['reason']}" for e in index.skipped[:5])
-        raise ValueError(f"no readable records in {where} ({index.listed} listed). First problems: {reasons or 'none listed'}")
+        raise ValueError(
+            f"no readable records in {where} ({index.listed} listed). First problems: {reasons or 'none listed'}")
     plan = BatchPlan(index.record_bucket, global_batch_size=config.global_batch_size, process_index=process_index,
                      process_count=process_count, seed=seed, shuffle=config.shuffle, remainder=config.remainder,
                      num_epochs=config.num_epochs)

@@ -36,7 +36,8 @@ class MetadataJsonlSource:
         self.directory = Path(directory)
         metadata = self.directory / "metadata.jsonl"
         if not metadata.is_file():
-            raise ValueError(f"{self.directory} has no metadata.jsonl (expected lines of {{\"file_name\", \"{caption_field}\"}})")
+            raise ValueError(
+                f"{self.directory} has no metadata.jsonl (expected lines of {{\"file_name\", \"{caption_field}\"}})")
         self.records: list[dict[str, Any]] = []
         self.listing_errors: list[dict[str, str]] = []
         seen: set[str] = set()
@@ -96,7 +97,8 @@ class CaptionsTxtSource:
             try:
                 caption = caption_file.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as error:
-                reason = f"no caption file {caption_file.name}" if isinstance(error, FileNotFoundError) else f"unreadable caption: {error}"
+                missing = isinstance(error, FileNotFoundError)
+                reason = f"no caption file {caption_file.name}" if missing else f"unreadable caption: {error}"
                 self.listing_errors.append({"path": str(path), "reason": reason})
                 continue
             key = path.relative_to(self.directory).as_posix()
@@ -143,7 +145,8 @@ class TfdsSource:
         caption = example[self.caption_feature]
         if isinstance(caption, bytes):
             caption = caption.decode("utf-8")
-        return {"key": f"{self.name}/{self.split}/{index}", "caption": str(caption), "data": example[self.image_feature]}
+        key = f"{self.name}/{self.split}/{index}"
+        return {"key": key, "caption": str(caption), "data": example[self.image_feature]}
 
     def identity(self) -> str:
         """Names this dataset split (for index caches)."""
@@ -153,7 +156,7 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, split={self.split!r}, records={len(self)})"
 
 
-def open_source(config: Mapping[str, Any] | Any) -> MetadataJsonlSource | CaptionsTxtSource | TfdsSource | ArrayCacheSource:
+def open_source(config: Any) -> MetadataJsonlSource | CaptionsTxtSource | TfdsSource | ArrayCacheSource:
     """The source named by a data config (see `sga_jax.data.default_data_config`): `config.source`
     is "metadata_jsonl", "captions_txt", "tfds", "cache" or "auto" (decided from `config.path`:
     a cache.json means a cache, a metadata.jsonl a metadata folder, else captions)."""
@@ -203,7 +206,8 @@ def skimage_sample_dataset(directory: str | os.PathLike, captions: Mapping[str, 
     lines = []
     for name, caption in captions.items():
         if name not in SKIMAGE_SAMPLES or name not in files:
-            raise ValueError(f"no bundled scikit-image sample {name!r}; available: {sorted(set(SKIMAGE_SAMPLES) & set(files))}")
+            available = sorted(set(SKIMAGE_SAMPLES) & set(files))
+            raise ValueError(f"no bundled scikit-image sample {name!r}; available: {available}")
         target = out / files[name].name
         shutil.copyfile(files[name], target)
         lines.append(json.dumps({"file_name": target.name, "text": caption}))

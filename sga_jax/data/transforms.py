@@ -129,7 +129,8 @@ def resize_to_bucket(image: Image.Image, bucket: Bucket, offset: tuple[float, fl
 
 
 def load_image(source: bytes | str | os.PathLike, bucket: Bucket, *, max_pixels: int,
-               offset: tuple[float, float] = (0.5, 0.5), flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+               offset: tuple[float, float] = (0.5, 0.5), flip: bool = False,
+               out: np.ndarray | None = None) -> np.ndarray:
     """Decode `source` (encoded bytes or a path) and return it resized to `bucket` (into `out` when
     given); BadRecord on failure."""
     with open_image(source, max_pixels) as image:
