@@ -256,3 +256,17 @@ def test_index_cache_reused_for_the_same_records(dataset, tmp_path, monkeypatch)
     config.max_image_pixels = MAX_PIXELS + 1  # other settings: indexed again
     with pytest.raises(AssertionError, match="not used"):
         make_pipeline(config, seed=0)
+
+
+def test_fixed_resolution_and_dropped_remainders(dataset):
+    directory, good, _ = dataset
+    config = _config(directory, remainder="drop", global_batch_size=4)
+    config.buckets.fixed = "48x32"
+    pipeline = make_pipeline(config, seed=0)
+    batches = list(pipeline)
+    readable = len(good) + 1  # the truncated file is only found when decoded
+    assert len(batches) == readable // 4
+    assert all(b["image"].shape == (4, 32, 48, 3) for b in batches)
+    keys = _valid_keys(batches)
+    assert len(set(keys)) == len(keys) and set(keys) <= set(good)
+    assert len(keys) >= 4 * len(batches) - 1  # at most one filler slot: the truncated file, if not dropped
