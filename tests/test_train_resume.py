@@ -77,6 +77,8 @@ def test_sigkill_during_save_then_restart_is_bit_exact(tmp_path, env):
     assert "2" in leftovers and "4" in leftovers and "6" not in leftovers
     assert any(name.startswith("6.orbax-checkpoint-tmp") for name in leftovers), leftovers
     assert max(r["step"] for r in metrics(resumed)) >= 6  # steps past the last checkpoint were logged
+    with (resumed / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 0.')  # a record cut short by the kill
 
     again = run(cli(resumed, *overrides), env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
