@@ -219,20 +219,39 @@ class Upsample(nnx.Module):
         return self.conv(upsample_nearest(x))
 
 
-class Level(nnx.Module):
-    """One resolution level: res blocks, then an optional resampler (`downsample` or `upsample`)."""
+def _res_blocks(make: _Factory, in_channels: int, out_channels: int, count: int) -> nnx.List:
+    widths = [in_channels] + [out_channels] * count
+    return nnx.List([ResnetBlock(make, widths[j], out_channels) for j in range(count)])
 
-    def __init__(self, make: _Factory, in_channels: int, out_channels: int, count: int, resample: type | None, name: str):
-        widths = [in_channels] + [out_channels] * count
-        self.block = nnx.List([ResnetBlock(make, widths[j], out_channels) for j in range(count)])
-        setattr(self, name, resample(make, out_channels) if resample is not None else None)
-        self.resample_name = name
+
+def _run_blocks(blocks: nnx.List, x: jax.Array, remat: str) -> jax.Array:
+    for block in blocks:
+        x = _checkpointed(block, x, remat)
+    return x
+
+
+class DownLevel(nnx.Module):
+    """One encoder level: res blocks, then a `downsample` (None on the last level)."""
+
+    def __init__(self, make: _Factory, in_channels: int, out_channels: int, count: int, downsample: bool):
+        self.block = _res_blocks(make, in_channels, out_channels, count)
+        self.downsample = Downsample(make, out_channels) if downsample else None
 
     def __call__(self, x: jax.Array, remat: str) -> jax.Array:
-        for block in self.block:
-            x = _checkpointed(block, x, remat)
-        resample = getattr(self, self.resample_name)
-        return L.constrain(resample(x), IMAGE_AXES) if resample is not None else x
+        x = _run_blocks(self.block, x, remat)
+        return L.constrain(self.downsample(x), IMAGE_AXES) if self.downsample is not None else x
+
+
+class UpLevel(nnx.Module):
+    """One decoder level: res blocks, then an `upsample` (None on level 0, the full resolution)."""
+
+    def __init__(self, make: _Factory, in_channels: int, out_channels: int, count: int, upsample: bool):
+        self.block = _res_blocks(make, in_channels, out_channels, count)
+        self.upsample = Upsample(make, out_channels) if upsample else None
+
+    def __call__(self, x: jax.Array, remat: str) -> jax.Array:
+        x = _run_blocks(self.block, x, remat)
+        return L.constrain(self.upsample(x), IMAGE_AXES) if self.upsample is not None else x
 
 
 class Mid(nnx.Module):
@@ -261,7 +280,7 @@ class Encoder(nnx.Module):
         last = len(c.ch_mult) - 1
         self.down = nnx.List(
             [
-                Level(make, widths[i], widths[i + 1], c.num_res_blocks, Downsample if i != last else None, "downsample")
+                DownLevel(make, widths[i], widths[i + 1], c.num_res_blocks, downsample=i != last)
                 for i in range(len(c.ch_mult))
             ]
         )
@@ -294,7 +313,7 @@ class Decoder(nnx.Module):
         inputs = widths[1:] + [widths[-1]]
         self.up = nnx.List(
             [
-                Level(make, inputs[i], widths[i], c.num_res_blocks + 1, Upsample if i != 0 else None, "upsample")
+                UpLevel(make, inputs[i], widths[i], c.num_res_blocks + 1, upsample=i != 0)
                 for i in range(len(c.ch_mult))
             ]
         )
@@ -373,8 +392,9 @@ class AutoEncoder(nnx.Module):
         return self._decode(z, return_features)
 
     def encode_moments_tiled(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """`encode_moments` over overlapping tiles of `config.tile_size` pixels, blended linearly
-        across `config.tile_overlap` pixels in latent space; memory bounded by one tile."""
+        """`encode_moments` over overlapping tiles of `config.tile_size` pixels whose neighbours
+        share `config.tile_overlap` pixels, cross-faded in latent space (see `tiling`); memory is
+        bounded by one tile."""
         graphdef, state = nnx.split(self)
         return posterior_moments(_encode_tiled(graphdef, state, x))
 
@@ -384,7 +404,8 @@ class AutoEncoder(nnx.Module):
 
     def decode_tiled(self, z: jax.Array, return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """`decode` over overlapping latent tiles (`config.tile_size / f` latent pixels, overlap
-        `config.tile_overlap / f`), blended linearly in image space; memory bounded by one tile."""
+        `config.tile_overlap / f`), cross-faded in image space (see `tiling`); memory is bounded
+        by one tile."""
         graphdef, state = nnx.split(self)
         return _decode_tiled(graphdef, state, z, return_features)
 
