@@ -61,8 +61,8 @@ class CheckpointReader:
     """Read-only view of one or more safetensors files as a single name -> tensor mapping.
 
     `path` may be a .safetensors file, a `*.safetensors.index.json`, or a directory holding either
-    (an index wins; otherwise every .safetensors file in it is read). Tensors are memory-mapped and
-    read one at a time. `prefix` is stripped from every key that has it (e.g. BFL's
+    (an index wins; otherwise every .safetensors file in it is read). Headers are read once;
+    tensors are read one at a time, on demand. `prefix` is stripped from every key that has it (e.g. BFL's
     "model.diffusion_model." or CLIP's "text_model.").
     """
 
@@ -70,6 +70,7 @@ class CheckpointReader:
         self.path = Path(path)
         files = self._files(self.path, subfolder_hint)
         self._handles: dict[Path, Any] = {}
+        self._layouts: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._where: dict[str, tuple[Path, str]] = {}
         for file in files:
             handle = self._open(file)
@@ -128,9 +129,39 @@ class CheckpointReader:
         return tuple(self._open(file).get_slice(name).get_shape())
 
     def read(self, key: str) -> np.ndarray:
-        """Read one tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16)."""
+        """Read one tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16).
+
+        Uses positional file reads, not a memory map: every page of a mapped file that has been
+        touched counts towards the process's resident memory until the map closes, which would
+        make a streaming conversion hold the whole checkpoint.
+        """
         file, name = self._locate(key)
-        return self._open(file).get_tensor(name)
+        base, header = self._layout(file)
+        entry = header[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        out = np.empty(entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]])
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        if len(buffer) != end - start:
+            raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {len(buffer)}")
+        with open(file, "rb", buffering=0) as handle:
+            handle.seek(base + start)
+            done = 0
+            while done < len(buffer):
+                count = handle.readinto(buffer[done:])
+                if not count:
+                    raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
+                done += count
+        return out
+
+    def _layout(self, file: Path) -> tuple[int, dict[str, Any]]:
+        """(offset of the data section, header entries) of one file, parsed once."""
+        if file not in self._layouts:
+            with open(file, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                self._layouts[file] = (8 + size, json.loads(handle.read(size)))
+        return self._layouts[file]
 
     def metadata(self) -> dict[str, str]:
         """The string metadata of the file headers (`__metadata__`), merged over all files."""
