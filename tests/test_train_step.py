@@ -25,6 +25,7 @@ class Engine:
         self.run = loop.build_run(config, devices)
         with self.context():
             self.state = state_lib.init_state(self.run.task, config, self.run.optimizer, self.run.setup)
+            self.state = state_lib.load_pretrained(self.run.task, self.state, self.run.setup)
             self.frozen = state_lib.init_frozen(self.run.task, config, self.run.setup)
             self.step_fn = loop.jitted_step(self.run)
         self.initial = jax.device_get(self.state)
@@ -195,8 +196,12 @@ def test_checkpoint_restores_into_target_shardings(engines, tmp_path):
 
 
 class LoadedTeacherTask(ToyTask):
-    """The toy task with its frozen teacher "loaded from files" (here: constants) into the given
-    shardings, as a stage loads pre-trained weights."""
+    """The toy task with its frozen teacher and its student's output layer "loaded from files"
+    (here: constants) into the given shardings, as a stage loads pre-trained weights."""
+
+    def load_pretrained(self, params, shardings):
+        out = jax.tree.map(lambda p, s: jax.device_put(np.full(p.shape, 0.25, p.dtype), s), params["out"], shardings["out"])
+        return {**params, "out": out}
 
     def load_frozen(self, abstract, shardings):
         return jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 0.5, a.dtype), s), abstract, shardings)
@@ -208,5 +213,20 @@ def test_task_by_dotted_path_with_load_frozen():
     kernel = engine.frozen["up"]["kernel"]
     assert kernel.sharding.is_equivalent_to(engine.run.setup.frozen_shardings["up"]["kernel"], 2)
     np.testing.assert_array_equal(np.asarray(kernel), 0.5)
+    for tree in (engine.state.params, engine.state.ema):
+        np.testing.assert_array_equal(np.asarray(tree["out"]["kernel"]), 0.25)
+        assert tree["out"]["kernel"].sharding.spec == P("fsdp")
+    assert np.asarray(engine.state.params["inp"]["kernel"]).std() > 0.1  # still the random init
     engine.step()
     np.testing.assert_array_equal(np.asarray(engine.frozen["up"]["kernel"]), 0.5)
+
+
+class WrongShapeTask(ToyTask):
+    def load_pretrained(self, params, shardings):
+        return {**params, "out": {**params["out"], "kernel": np.zeros((3, 8), np.float32)}}
+
+
+def test_load_pretrained_with_a_wrong_shape_names_the_key(engines):
+    engine = engines["sharded"].reset()
+    with pytest.raises(ValueError, match=r"\['out'\]\['kernel'\] has shape \(3, 8\), expected \(16, 8\)"):
+        state_lib.load_pretrained(WrongShapeTask(), engine.state, engine.run.setup)

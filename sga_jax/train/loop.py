@@ -219,6 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, run: Run | 
         if start is None:
             start = 0
             state = state_lib.init_state(run.task, config, run.optimizer, run.setup)
+            state = state_lib.load_pretrained(run.task, state, run.setup)
         else:
             target = state_lib.with_shardings(run.setup.abstract_state, run.setup.state_shardings)
             state, data_state, _, _ = checkpointer.restore(start, target)

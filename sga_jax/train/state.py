@@ -141,7 +141,7 @@ def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation,
             params=params,
             model_state=nnx.to_pure_dict(rest),
             opt_state=optimizer.init(params),
-            ema=params if setup.abstract_state.ema is not None else None,
+            ema=jax.tree.map(jnp.copy, params) if setup.abstract_state.ema is not None else None,
             rng=jax.random.key_data(train_key),
             nan_skips=zero,
             nan_streak=zero,
@@ -149,6 +149,38 @@ def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation,
 
     seed = jax.random.key_data(jax.random.key(int(config.seed)))
     return jax.jit(init, out_shardings=setup.state_shardings)(seed)
+
+
+def load_pretrained(task: Task, state: TrainState, setup: Setup) -> TrainState:
+    """Replace the freshly initialised trainable parameters by `task.load_pretrained(params,
+    shardings)` when the task has that hook (fine-tuning); the EMA starts from the loaded values.
+
+    Called on a fresh start only (a resumed run has its parameters in the checkpoint). The
+    returned tree must match the model's parameters key for key, shape for shape.
+    """
+    load = getattr(task, "load_pretrained", None)
+    if load is None:
+        return state
+    params = load(state.params, setup.state_shardings.params)
+    check_tree(params, setup.abstract_state.params, "task.load_pretrained")
+    # Fresh buffers in the target shardings: the state is donated to the train step, so params and
+    # EMA must not share buffers with each other or with anything the task keeps.
+    copy = jax.jit(lambda tree: jax.tree.map(lambda p, a: jnp.array(p, a.dtype, copy=True), tree, setup.abstract_state.params),
+                   out_shardings=setup.state_shardings.params)
+    params = copy(params)
+    return state.replace(params=params, ema=copy(params) if state.ema is not None else None)
+
+
+def check_tree(tree: Any, expected: Any, what: str) -> None:
+    """Raise a ValueError naming the first key whose presence or shape differs from `expected`."""
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+    for key, value in want.items():
+        if tuple(got[key].shape) != tuple(value.shape):
+            raise ValueError(f"{what}: {key} has shape {tuple(got[key].shape)}, expected {tuple(value.shape)}")
 
 
 def init_frozen(task: Task, config: Any, setup: Setup) -> dict | None:

@@ -28,6 +28,13 @@ Optional hooks (looked up with getattr; absent means "not used"):
     Called once right after construction with the resolved config, before anything is traced:
     the place to read loss weights and other settings `loss` needs.
 
+``load_pretrained(params, shardings) -> dict``
+    Fine-tuning: on a fresh start (never on resume), replace some or all of the randomly
+    initialised trainable parameters (`params`, a pure dict of sharded arrays) by pre-trained
+    weights loaded into `shardings`; the result must match `params` key for key and shape for
+    shape. The EMA starts from it. The random values are alive while the hook runs, so loading
+    briefly needs room for two copies of the replaced parameters.
+
 ``load_frozen(abstract, shardings) -> dict``
     Load the frozen module's variables from files into the given shardings (`abstract` is the pure
     dict of ShapeDtypeStructs of `nnx.split(frozen)`'s state). When absent the frozen module is
@@ -60,6 +67,7 @@ from jax.sharding import Mesh
 
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
+    "flux_sga": "sga_jax.train.flux_stage:FluxSGATask",
 }
 
 
