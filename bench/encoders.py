@@ -11,6 +11,7 @@ python bench/encoders.py [--repeats 5] [--batch 2]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
     rows = []
+    load_before = os.getloadavg()[0]
     for name, spec in PRIORS.items():
         rows.append(bench_one(name, spec, args.batch, args.repeats))
         print(rows[-1], flush=True)
@@ -111,7 +113,8 @@ def main() -> None:
         f"median of {args.repeats} runs after one warm-up; JAX jitted (compile time listed apart), PyTorch "
         f"{torch.__version__} under inference_mode with {torch.get_num_threads()} threads. `max rel err` is "
         "max |JAX - PyTorch| / max |PyTorch| of the fp32 outputs. The machine is shared with other jobs, so "
-        "absolute times are noisy; the ratio is measured side by side.\n\n"
+        "absolute times are noisy; the ratio is measured side by side. 1-minute load average "
+        f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores.\n\n"
         + markdown_table(rows)
         + f"\n\nPeak RSS {peak_rss_mib():.0f} MiB."
     )
