@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as torch_load_file
 from torch_reference import assert_close_relative, to_numpy
 
+from sga_jax import convert
 from sga_jax import weights as W
 from sga_jax.models import flux
 
@@ -111,6 +112,14 @@ def test_diffusers_export_loads_strict_in_diffusers(dev, tmp_path):
     strict.load_state_dict(state, strict=True)
     for key, value in dev["model"].state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_convert_cli_to_orbax_and_back_to_diffusers(dev, tmp_path):
+    assert convert.main(["flux", str(dev["dir"]), str(tmp_path / "orbax")]) == 0
+    assert convert.main(["flux", str(tmp_path / "orbax"), str(tmp_path / "out"), "--export", "diffusers"]) == 0
+    again = FluxTransformer2DModel.from_pretrained(tmp_path / "out")
+    out = reference_forward(again.eval(), dev["x"], dev["guidance"])
+    assert_close_relative(out, dev["out"], 1e-6, "diffusers output after orbax round trip")
 
 
 def test_streaming_convert_between_formats(dev, tmp_path):
