@@ -203,108 +203,110 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, run: Run | 
     """
     workdir = Path(workdir).absolute()
     run = build_run(config) if run is None else run
-    cfg = config.to_dict()
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
     log.info("mesh %s; memory per device before activations:\n%s",
              dict(run.mesh.shape), describe_memory(state_lib.memory_estimate(run.setup)))
-
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=ck.max_to_keep,
                                 keep_period=ck.keep_period, async_save=ck.async_save)
-    batches = run.task.batches(config, run.mesh, seed=int(config.seed))
-    start = checkpointer.latest_step()
-    with parallel.activation_sharding(run.mesh, run.rules):
-        if start is None:
-            start = 0
+    flag = PreemptionFlag()  # installed before restoring and compiling: a signal then stops after one step
+    try:
+        with flag.installed(), parallel.activation_sharding(run.mesh, run.rules):
+            return _Loop(run, workdir, checkpointer, flag).loop()
+    finally:
+        checkpointer.close()
+
+
+class _Loop:
+    """One call of `train`: restore or initialise, then step, log, call hooks, save."""
+
+    def __init__(self, run: Run, workdir: Path, checkpointer: Checkpointer, flag: PreemptionFlag):
+        config = run.config
+        self.run, self.config, self.workdir, self.checkpointer, self.flag = run, config, workdir, checkpointer, flag
+        self.total = int(config.total_steps)
+        self.batches = run.task.batches(config, run.mesh, seed=int(config.seed))
+        self.start = checkpointer.latest_step() or 0
+        if self.start == 0:
             state = state_lib.init_state(run.task, config, run.optimizer, run.setup)
-            state = state_lib.load_pretrained(run.task, state, run.setup)
+            self.state = state_lib.load_pretrained(run.task, state, run.setup)
         else:
             target = state_lib.with_shardings(run.setup.abstract_state, run.setup.state_shardings)
-            state, data_state, _, _ = checkpointer.restore(start, target)
-            batches.set_state(data_state)
-            log.info("resumed from %s at step %d", checkpointer.directory, start)
-        frozen = state_lib.init_frozen(run.task, config, run.setup)
-        step_fn = jitted_step(run)
-        writer = MetricWriter(workdir, resume_step=start, tensorboard=config.logging.tensorboard)
+            self.state, data_state, _, _ = checkpointer.restore(self.start, target)
+            self.batches.set_state(data_state)
+            log.info("resumed from %s at step %d", checkpointer.directory, self.start)
+        self.frozen = state_lib.init_frozen(run.task, config, run.setup)
+        self.step_fn = jitted_step(run)
+        self.images = int(config.batch_size) * int(getattr(run.task, "images_per_example", 1))
+        self.last: dict[str, float] = {}
+        self.clock = time.perf_counter()
+        self.bar = tqdm(total=self.total, initial=self.start, dynamic_ncols=True, desc="train",
+                        disable=not (config.logging.progress_bar and jax.process_index() == 0))
+        self.writer = MetricWriter(workdir, resume_step=self.start, tensorboard=config.logging.tensorboard)
+
+    def loop(self) -> RunResult:
+        """Steps from the restored step to `total_steps`, or until a signal."""
+        config, pending, preempted = self.config, None, False
         try:
-            return _loop(run, workdir, checkpointer, writer, batches, state, frozen, start, cfg, step_fn)
+            for step in range(self.start + 1, self.total + 1):
+                batch = next(self.batches)
+                arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
+                self.state, metrics = self.step_fn(self.state, self.frozen, arrays)
+                if pending is not None:
+                    self.finish(*pending)  # the previous step's metrics, while this one runs
+                pending = (step, metrics)
+                preempted = self.flag.is_set()
+                save = preempted or _due(step, int(config.checkpoint_every), self.total)
+                hooks = any(_due(step, int(config.get(k, 0)), self.total) for k in ("sample_every", "eval_every"))
+                if save or hooks:
+                    self.finish(step, metrics, self.callbacks(step) if hooks else None)
+                    pending = None
+                if save:
+                    self.checkpointer.save(step, self.state, self.batches.get_state(), config.to_dict(),
+                                           {"preempted": preempted})
+                if preempted:
+                    log.warning("signal %s at step %d: checkpoint saved, stopping", self.flag.signal, step)
+                    break
+            if pending is not None:
+                self.finish(*pending)
+            self.checkpointer.wait()
         finally:
-            writer.close()
-            checkpointer.close()
+            self.bar.close()
+            self.writer.close()
+        return RunResult(step=int(jax.device_get(self.state.step)), preempted=preempted, last_metrics=self.last)
 
-
-def _loop(run: Run, workdir: Path, checkpointer: Checkpointer, writer: MetricWriter, batches: Any,
-          state: state_lib.TrainState, frozen: Any, start: int, cfg: dict, step_fn: Any) -> RunResult:
-    config = run.config
-    total = int(config.total_steps)
-    images = int(config.batch_size) * int(getattr(run.task, "images_per_example", 1))
-    max_streak = int(config.nan_guard.max_consecutive)
-    bar = tqdm(total=total, initial=start, disable=not (config.logging.progress_bar and jax.process_index() == 0),
-               dynamic_ncols=True, desc="train")
-    last: dict[str, float] = {}
-    pending: tuple[int, dict] | None = None
-    clock = time.perf_counter()
-
-    def finish(step: int, metrics: dict, extra: dict[str, float] | None = None) -> None:
-        """Fetch one step's metrics (normally a step behind the dispatch), log them with any
-        callback scalars, and apply the NaN guard."""
-        nonlocal clock, last
+    def finish(self, step: int, metrics: dict, extra: dict[str, float] | None = None) -> None:
+        """Fetch one step's metrics, log them with any callback scalars, and apply the NaN guard."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        host["step_time_s"] = now - clock
-        host["images_per_s"] = images / max(host["step_time_s"], 1e-9)
-        clock, last = now, host
-        bar.update(1)
-        bar.set_postfix(loss=f"{host['loss']:.4g}", lr=f"{host['lr']:.3g}",
-                        step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}")
-        if extra or _due(step, int(config.log_every), total):
-            writer.write(step, {**host, **(extra or {})})
+        host["step_time_s"] = now - self.clock
+        host["images_per_s"] = self.images / max(host["step_time_s"], 1e-9)
+        self.clock, self.last = now, host
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{host['loss']:.4g}", lr=f"{host['lr']:.3g}",
+                             step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}")
+        if extra or _due(step, int(self.config.log_every), self.total):
+            self.writer.write(step, {**host, **(extra or {})})
+        max_streak = int(self.config.nan_guard.max_consecutive)
         if host["nan_streak"] >= max_streak:
             raise TrainingDiverged(
                 f"step {step}: {int(host['nan_streak'])} updates in a row had a non-finite loss or gradient "
                 f"(nan_guard.max_consecutive={max_streak}; {int(host['nan_skips'])} skipped in total). "
-                f"Latest checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}; lower the "
-                f"learning rate or check the data before resuming."
+                f"Latest checkpoint: step {self.checkpointer.latest_step()} in {self.checkpointer.directory}; "
+                f"lower the learning rate or check the data before resuming."
             )
 
-    def callbacks(step: int) -> dict[str, float]:
+    def callbacks(self, step: int) -> dict[str, float]:
         """Run the task's sample / eval hooks that are due at `step`; their scalars, prefixed."""
         scalars: dict[str, float] = {}
-        rng = jax.random.fold_in(jax.random.key(int(config.seed)), step)
-        for every, name, prefix in ((config.get("sample_every", 0), "sample", "sample_"),
-                                    (config.get("eval_every", 0), "evaluate", "eval_")):
-            hook = getattr(run.task, name, None)
-            if hook is None or not _due(step, int(every), total):
+        rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), step)
+        for every, name, prefix in ((self.config.get("sample_every", 0), "sample", "sample_"),
+                                    (self.config.get("eval_every", 0), "evaluate", "eval_")):
+            hook = getattr(self.run.task, name, None)
+            if hook is None or not _due(step, int(every), self.total):
                 continue
-            trainable, frozen_module = _modules(run, state, frozen)
-            scalars.update({prefix + k: float(v) for k, v in (hook(trainable, frozen_module, step, workdir, rng) or {}).items()})
+            trainable, frozen = _modules(self.run, self.state, self.frozen)
+            values = hook(trainable, frozen, step, self.workdir, rng) or {}
+            scalars.update({prefix + k: float(v) for k, v in values.items()})
         return scalars
-
-    flag = PreemptionFlag()
-    preempted = False
-    with flag.installed():
-        for step in range(start + 1, total + 1):
-            batch = next(batches)
-            arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
-            state, metrics = step_fn(state, frozen, arrays)
-            if pending is not None:
-                finish(*pending)
-            pending = (step, metrics)
-            preempted = flag.is_set()
-            save = preempted or _due(step, int(config.checkpoint_every), total)
-            hooks = any(_due(step, int(config.get(k, 0)), total) for k in ("sample_every", "eval_every"))
-            if save or hooks:
-                finish(step, metrics, callbacks(step) if hooks else None)
-                pending = None
-            if save:
-                checkpointer.save(step, state, batches.get_state(), cfg, {"preempted": preempted})
-            if preempted:
-                log.warning("signal %s at step %d: checkpoint saved, stopping", flag.signal, step)
-                break
-        if pending is not None:
-            finish(*pending)
-        checkpointer.wait()
-    bar.close()
-    return RunResult(step=int(jax.device_get(state.step)), preempted=preempted, last_metrics=last)
