@@ -123,10 +123,6 @@ class Dinov2Config:
             raise ValueError(f"config.json has model_type {model_type!r}; DINOv2 expects one of {MODEL_TYPES}")
         if hf.get("use_swiglu_ffn", False):
             raise ValueError("config.json: use_swiglu_ffn=True (DINOv2-g) is not supported by this port")
-        for name in ("image_size", "patch_size"):
-            if isinstance(hf.get(name), (list, tuple)) and len(set(hf[name])) != 1:
-                raise ValueError(f"config.json: non-square {name} {hf[name]} is not supported")
-        square = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
         defaults = cls()
         fields = dict(
             hidden_size=hf.get("hidden_size", defaults.hidden_size),
@@ -135,8 +131,8 @@ class Dinov2Config:
             mlp_ratio=float(hf.get("mlp_ratio", defaults.mlp_ratio)),
             hidden_act=hf.get("hidden_act", defaults.hidden_act),
             layer_norm_eps=hf.get("layer_norm_eps", defaults.layer_norm_eps),
-            image_size=square(hf.get("image_size", 224)),
-            patch_size=square(hf.get("patch_size", defaults.patch_size)),
+            image_size=_square(hf, "image_size", 224),
+            patch_size=_square(hf, "patch_size", defaults.patch_size),
             num_channels=hf.get("num_channels", defaults.num_channels),
             qkv_bias=hf.get("qkv_bias", defaults.qkv_bias),
             layerscale_value=hf.get("layerscale_value", defaults.layerscale_value),
@@ -145,6 +141,16 @@ class Dinov2Config:
             use_mask_token=hf.get("use_mask_token", True) or model_type == "dinov2_with_registers",
         )
         return cls(**{**fields, **overrides})
+
+
+def _square(hf: dict[str, Any], name: str, default: int) -> int:
+    """A config.json size that may be an int or a square [h, w] pair, as one int."""
+    value = hf.get(name, default)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"config.json: non-square {name} {list(value)} is not supported")
+        value = value[0]
+    return int(value)
 
 
 def _token(shape: tuple[int, ...], rngs: nnx.Rngs, param_dtype: Any, std: float = 0.02) -> nnx.Param:

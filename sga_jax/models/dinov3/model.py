@@ -102,20 +102,28 @@ class Dinov3Config:
         """Read a transformers `config.json` dict of model_type "dinov3_vit"."""
         if hf.get("model_type", "dinov3_vit") != "dinov3_vit":
             raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; DINOv3 expects 'dinov3_vit'")
-        for name in ("image_size", "patch_size"):
-            if isinstance(hf.get(name), (list, tuple)) and len(set(hf[name])) != 1:
-                raise ValueError(f"config.json: non-square {name} {hf[name]} is not supported")
-        square = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
         hf_defaults = dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_register_tokens=0)
         fields = {}
         for f in dataclasses.fields(cls):
             if f.name in ("dtype", "param_dtype", "attention", "remat"):
                 continue
-            if f.name in hf:
-                fields[f.name] = square(hf[f.name])
+            if f.name in ("image_size", "patch_size"):
+                fields[f.name] = _square(hf, f.name, getattr(cls, f.name))
+            elif f.name in hf:
+                fields[f.name] = hf[f.name]
             elif f.name in hf_defaults:
                 fields[f.name] = hf_defaults[f.name]
         return cls(**{**fields, **overrides})
+
+
+def _square(hf: dict[str, Any], name: str, default: int) -> int:
+    """A config.json size that may be an int or a square [h, w] pair, as one int."""
+    value = hf.get(name, default)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"config.json: non-square {name} {list(value)} is not supported")
+        value = value[0]
+    return int(value)
 
 
 def _token(shape: tuple[int, ...], rngs: nnx.Rngs, param_dtype: Any, std: float = 0.02) -> nnx.Param:
