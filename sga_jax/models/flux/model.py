@@ -233,6 +233,14 @@ class QKNorm(nnx.Module):
         return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
 
 
+def _split_heads(qkv: jax.Array, num_heads: int, norm: QKNorm) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fused (B, L, 3 * H * D) projections -> QK-normalised q, k and v, each (B, L, H, D)."""
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, num_heads, -1)
+    q, k = norm(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return q, k, qkv[:, :, 2]
+
+
 class SelfAttention(nnx.Module):
     """The projections of one stream of a double block: fused `qkv`, QK `norm`, output `proj`."""
 
@@ -245,11 +253,7 @@ class SelfAttention(nnx.Module):
 
     def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(B, L, hidden) -> normalised q, k and v, each (B, L, H, D)."""
-        b, n, _ = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(b, n, 3, self.num_heads, -1), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return _split_heads(self.qkv(x), self.num_heads, self.norm)
 
 
 def _mlp(make: _Factory) -> nnx.List:
@@ -337,11 +341,7 @@ class SingleStreamBlock(nnx.Module):
         shift, scale, gate = self.modulation(vec)
         hidden = self.linear1(_modulate(self.pre_norm(x), shift, scale))
         qkv, mlp = hidden[..., : 3 * self.hidden_size], hidden[..., 3 * self.hidden_size :]
-        b, n, _ = x.shape
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, -1), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-        q, k = self.norm(q, k, v)
-        attn = _joint_attention(q, k, v, rope, self.attention)
+        attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.attention)
         return x + gate * self.linear2(jnp.concatenate([attn, L.gelu_tanh(mlp)], axis=-1))
 
 
