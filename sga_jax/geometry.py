@@ -70,8 +70,8 @@ def datasets(settings: Settings) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     y_struct = smooth_fields(rng, settings.grid, c)
     detail = rng.normal(size=(n, c)) * 0.15 * np.linalg.norm(y_struct, axis=1, keepdims=True) / math.sqrt(c)
     x_struct = y_struct @ random_orthogonal(rng, c) + detail
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    return {"random": (f32(x_rand), f32(y_rand)), "structured": (f32(x_struct), f32(y_struct))}
+    pairs = {"random": (x_rand, y_rand), "structured": (x_struct, y_struct)}
+    return {name: (x.astype(np.float32), y.astype(np.float32)) for name, (x, y) in pairs.items()}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -92,7 +92,11 @@ _spectral_bound = jax.jit(geo.spectral_bound)
 _subspace_bound = jax.jit(geo.subspace_bound, static_argnames="k")
 _containment = jax.jit(geo.containment)
 _gauge_gap = jax.jit(geo.gauge_invariance_gap)
-_losses = jax.jit(lambda x, y: (sga(x, y), repa_distance(x, y)))
+
+
+@jax.jit
+def _losses(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return sga(x, y), repa_distance(x, y)
 
 
 def givens_rotation(c: int, theta: float) -> np.ndarray:

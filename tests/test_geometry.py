@@ -162,7 +162,7 @@ def test_prop3_zero_sets(shape, seed):
     x, y = _pair(shape, seed, "rotated")
     l_sga, four_repa = geo.containment(x, y)
     _, to_sga = geo.zero_set_distances(x, y)
-    assert float(l_sga) <= 1e-5 and float(to_sga) <= 1e-3 * np.sqrt(shape[0])
+    assert float(l_sga) <= 1e-5 and float(to_sga) <= 1e-5 * np.sqrt(shape[0])
     l_sga, four_repa = geo.containment(-y, y)
     assert float(l_sga) <= 1e-5
     np.testing.assert_allclose(four_repa, 16.0, rtol=1e-5)

@@ -43,19 +43,18 @@ def _gram(x: jax.Array) -> jax.Array:
 def procrustes(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Orthogonal Procrustes: the Q with orthonormal rows minimising ||X - Y Q||_F, and that minimum.
 
-    X is (N, Cx), Y is (N, Cy) with Cy <= Cx (Q is (Cy, Cx); square orthogonal when Cy == Cx). With
-    Y^T X = U S V^T, Q = U V^T and min ||X - Y Q||_F^2 = ||X||_F^2 + ||Y||_F^2 - 2 sum(S)
-    (because Y Q Q^T Y^T = Y Y^T). Rows are used as given (not normalised).
+    X is (N, Cx), Y is (N, Cy) with Cy <= Cx (Q is (Cy, Cx); square orthogonal when Cy == Cx).
+    With Y^T X = U S V^T, Q = U V^T. The distance is evaluated as ||X - Y Q||_F directly rather
+    than as ||X||^2 + ||Y||^2 - 2 sum(S), which cancels near the orbit. Rows are used as given.
     """
     x, y = _check_pair(x, y)
     if y.shape[1] > x.shape[1]:
         raise ValueError(
             f"procrustes needs y no wider than x (Q has orthonormal rows): x {tuple(x.shape)} vs y {tuple(y.shape)}"
         )
-    u, s, vt = jnp.linalg.svd(jnp.matmul(y.T, x, precision=_HIGHEST), full_matrices=False)
+    u, _, vt = jnp.linalg.svd(jnp.matmul(y.T, x, precision=_HIGHEST), full_matrices=False)
     q = jnp.matmul(u, vt, precision=_HIGHEST)
-    sq = jnp.sum(x * x) + jnp.sum(y * y) - 2.0 * jnp.sum(s)
-    return q, jnp.sqrt(jnp.maximum(sq, 0.0))
+    return q, jnp.linalg.norm(x - jnp.matmul(y, q, precision=_HIGHEST))
 
 
 def orbit_distance(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -112,8 +111,9 @@ def gauge_invariance_gap(x: jax.Array, y: jax.Array, q: jax.Array, *, eps: float
     if q.shape != (x.shape[1], x.shape[1]):
         raise ValueError(f"q must be ({x.shape[1]}, {x.shape[1]}) for x {tuple(x.shape)}, got {tuple(q.shape)}")
     rotated = jnp.matmul(x, q, precision=_HIGHEST)
-    loss = lambda a: sga_loss(a[None], y[None], method="gram", eps=eps)  # noqa: E731
-    return jnp.abs(loss(rotated) - loss(x))
+    after = sga_loss(rotated[None], y[None], method="gram", eps=eps)
+    before = sga_loss(x[None], y[None], method="gram", eps=eps)
+    return jnp.abs(after - before)
 
 
 def gram_difference(x: jax.Array, y: jax.Array, *, eps: float = NORM_EPS) -> jax.Array:
