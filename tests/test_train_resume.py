@@ -4,6 +4,7 @@ a SIGKILL during a checkpoint save, SIGTERM saves and exits 0, --dry_run and con
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,16 +60,30 @@ def metrics(workdir: Path) -> list[dict]:
 
 
 def saved_state(workdir: Path, step: int) -> list[np.ndarray]:
-    """Leaves of the saved train state, read by orbax without any of our code."""
-    tree = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+    """Leaves of the saved train state, read onto one device by orbax without any of our code."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+                          checkpointer.metadata(path).item_metadata)
+    return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target))]
 
 
-def test_sigkill_during_save_then_restart_is_bit_exact(tmp_path, env):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    overrides = (f"--config.total_steps={TOTAL}", "--config.checkpoint_every=2")
-    done = run(cli(straight, *overrides), env)
+OVERRIDES = (f"--config.total_steps={TOTAL}", "--config.checkpoint_every=2")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, env) -> Path:
+    """Work directory of an uninterrupted 2N-step run (one process, 8 devices)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    done = run(cli(workdir, *OVERRIDES), env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def test_sigkill_during_save_then_restart_is_bit_exact(tmp_path, env, straight):
+    resumed = tmp_path / "resumed"
+    overrides = OVERRIDES
 
     killed = run([sys.executable, "-c", KILL_DURING_SAVE, "6", "--config", "configs/toy.py:sharded",
                   "--workdir", str(resumed), *COMMON, *overrides], env)
@@ -97,6 +112,32 @@ def test_sigkill_during_save_then_restart_is_bit_exact(tmp_path, env):
         np.testing.assert_array_equal(x, y)
     data = json.loads((resumed / "checkpoints" / "8" / "data" / "metadata").read_text())
     assert data == {"index": TOTAL, "seed": 0}
+
+
+def test_two_processes_match_one(tmp_path, env, straight):
+    """Two processes with 4 CPU devices each (jax.distributed over localhost, gloo collectives) train
+    the same (data=2, fsdp=4) run as one process with 8 devices: same losses, same parameters."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    workdir = tmp_path / "two"
+    procs = []
+    for rank in range(2):
+        rank_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                    "JAX_PROCESS_ID": str(rank)}
+        procs.append(subprocess.Popen(cli(workdir, *OVERRIDES), cwd=ROOT, env=rank_env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+        assert f"finished at step {TOTAL}" in stdout
+    a, b = metrics(straight), metrics(workdir)
+    assert [r["step"] for r in b] == list(range(1, TOTAL + 1))  # process 0 alone writes metrics
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-6, err_msg=str(ra["step"]))
+    for x, y in zip(saved_state(straight, TOTAL), saved_state(workdir, TOTAL)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, env):
