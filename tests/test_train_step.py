@@ -107,6 +107,14 @@ def test_params_and_optimizer_state_are_sharded(engines):
     estimate = state_lib.memory_estimate(engine.run.setup)
     param_bytes = sum(x.size * 4 for x in jax.tree.leaves(engine.state.params))
     assert estimate["params"] < param_bytes  # really split across devices
+    device = jax.devices()[0]
+
+    def on_device(tree):
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+    for part, tree in (("params", engine.state.params), ("optimizer", engine.state.opt_state),
+                       ("ema", engine.state.ema), ("frozen", engine.frozen)):
+        assert estimate[part] == on_device(tree), part  # the dry-run estimate is what device 0 holds
 
 
 def test_gradient_accumulation_equals_one_big_batch(engines):
