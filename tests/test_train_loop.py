@@ -7,11 +7,14 @@ import struct
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
 from sga_jax.train import loop
+from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.optim import make_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
@@ -93,3 +96,14 @@ def test_schedule_warmup_then_decay(kind):
             progress = min((step - 10) / 100, 1.0)
             expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, err_msg=f"{kind} step {step}")
+
+
+def test_checkpoints_keep_the_last_n_and_every_kth(tmp_path):
+    checkpointer = Checkpointer(tmp_path, max_to_keep=2, keep_period=4, async_save=False)
+    for step in range(1, 10):
+        checkpointer.save(step, {"w": jnp.full((3,), float(step))}, {"index": step}, {"seed": 0})
+    checkpointer.close()
+    assert Checkpointer(tmp_path).all_steps() == [4, 8, 9]
+    state, data, _, meta = Checkpointer(tmp_path).restore(8, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(state["w"]), 8.0)
+    assert data == {"index": 8} and meta["step"] == 8
