@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sga_jax.geometry --out out/geometry
+	rm -rf out/demo
+	$(PY) -m sga_jax.train --config configs/demo.py --workdir out/demo
+	@echo "demo outputs: out/demo/{checkpoints,tensorboard,samples}/, out/demo/metrics.jsonl," \
+	      "out/demo/loss_curve.png; loss-geometry report: out/geometry/report.md"
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(PY) $$script || exit 1; done

@@ -44,9 +44,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "flux": Family("sga_jax.models.flux", "FluxConfig", "Flux"),
     "vae": Family("sga_jax.models.vae", "AutoEncoderConfig", "AutoEncoder"),
-    "dinov2": Family("sga_jax.models.dinov2", "Dinov2Config", "Dinov2Model"),
-    "dinov3": Family("sga_jax.models.dinov3", "Dinov3Config", "Dinov3Model"),
-    "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2HieraModel"),
+    "dinov2": Family("sga_jax.models.dinov2", "Dinov2Config", "Dinov2"),
+    "dinov3": Family("sga_jax.models.dinov3", "Dinov3Config", "Dinov3"),
+    "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2Hiera"),
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
 }

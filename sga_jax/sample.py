@@ -56,14 +56,16 @@ def text_ids(b: int, length: int) -> jax.Array:
     return jnp.zeros((b, length, 3), jnp.float32)
 
 
-def latent_shape(height: int, width: int, channels: int = 16) -> tuple[int, int, int]:
-    """(h, w, C) of the F8 latent for an image of height x width pixels (sides rounded up to 16)."""
-    return 2 * math.ceil(height / 16), 2 * math.ceil(width / 16), channels
+def latent_shape(height: int, width: int, channels: int = 16, vae_factor: int = 8) -> tuple[int, int, int]:
+    """(h, w, C) of the latent of a height x width image for a VAE that downsamples `vae_factor`
+    times (8: Flux's F8, 16: the paper's F16), sides rounded up to an even latent grid."""
+    step = 2 * vae_factor
+    return 2 * math.ceil(height / step), 2 * math.ceil(width / step), channels
 
 
-def noise(key: jax.Array, b: int, height: int, width: int, channels: int = 16) -> jax.Array:
+def noise(key: jax.Array, b: int, height: int, width: int, channels: int = 16, vae_factor: int = 8) -> jax.Array:
     """Standard normal starting latents for b images of height x width pixels: (b, h, w, C)."""
-    return jax.random.normal(key, (b, *latent_shape(height, width, channels)), jnp.float32)
+    return jax.random.normal(key, (b, *latent_shape(height, width, channels, vae_factor)), jnp.float32)
 
 
 def time_shift(mu: float, sigma: float, t: np.ndarray) -> np.ndarray:
@@ -148,25 +150,27 @@ def sample_latents(
     shift: bool | None = None,
     base_shift: float = 0.5,
     max_shift: float = 1.15,
+    vae_factor: int = 8,
 ) -> jax.Array:
     """Sample Flux latents (B, h, w, C) for images of height x width pixels.
 
     txt (B, L, context_in_dim) and y (B, vec_in_dim) are the T5 and pooled CLIP embeddings.
     Starting noise: `latents` when given, else drawn from `key`. guidance is used by
     guidance-distilled (dev) models only. shift defaults to BFL's choice: on for dev, off for
-    schnell (models without a guidance embedding).
+    schnell (models without a guidance embedding). vae_factor: 8 for Flux's VAE, 16 for F16.
     """
     config = model.config
     b = txt.shape[0]
     if latents is None:
         if key is None:
             raise ValueError("sample_latents: pass a PRNG `key` or starting `latents`")
-        latents = noise(key, b, height, width, config.in_channels // 4)
+        latents = noise(key, b, height, width, config.in_channels // 4, vae_factor)
     h, w, c = latents.shape[1:]
-    if (h, w) != latent_shape(height, width)[:2] or 4 * c != config.in_channels:
+    expected = latent_shape(height, width, config.in_channels // 4, vae_factor)
+    if (h, w, c) != expected:
         raise ValueError(
             f"latents {latents.shape} do not fit {height} x {width} images for a model with "
-            f"{config.in_channels} input channels (expected (B, *{latent_shape(height, width, config.in_channels // 4)}))"
+            f"{config.in_channels} input channels and a {vae_factor}x VAE (expected (B, *{expected}))"
         )
     x = pack(latents.astype(jnp.float32))
     shift = config.guidance_embed if shift is None else shift

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from sga_jax import convert, parallel, sample
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
 from sga_jax.data.pipeline import make_pipeline
+from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
 from sga_jax.text import encode_tokens, load_tokenizer, tokenize
@@ -130,14 +131,16 @@ class FluxSGATask:
         prior_cls = PRIOR_MODELS[prior_kind][0]
         prior_config = dataclasses.replace(_config_from(m.prior, prior_cls, prior_kind),
                                            dtype=frozen_dtype, param_dtype=frozen_dtype)
-        on_the_fly = not config.data.caption_cache
         t5_config = clip_config = None
-        if on_the_fly:
-            t5_config = dataclasses.replace(_config_from(m.t5, t5.T5Config, "t5"), dtype=frozen_dtype, param_dtype=frozen_dtype)
-            clip_config = dataclasses.replace(_config_from(m.clip, clip.ClipTextConfig, "clip"),
-                                              dtype=frozen_dtype, param_dtype=frozen_dtype)
+        self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
+        if self.text_paths is not None:
+            text_dtype = {"dtype": config.text.dtype, "param_dtype": config.text.dtype}
+            t5_config = t5.T5Config.from_hf_config(_hf_config(self.text_paths["t5"]), **text_dtype)
+            clip_config = clip.ClipTextConfig.from_hf_config(_hf_config(self.text_paths["clip"]), **text_dtype)
             if t5_config.d_model != flux_config.context_in_dim:
                 raise ValueError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
+            if clip_config.hidden_size != flux_config.vec_in_dim:
+                raise ValueError(f"CLIP width {clip_config.hidden_size} != Flux vec_in_dim {flux_config.vec_in_dim}")
         if vae_config.z_channels * 4 != flux_config.in_channels:
             raise ValueError(
                 f"VAE latent channels {vae_config.z_channels} x 4 (2x2 packing) != Flux in_channels {flux_config.in_channels}"
@@ -197,23 +200,26 @@ class FluxSGATask:
 
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
         m = self.config.model
-        parts = [("vae", "vae", m.vae, {}), ("t5", "t5", m.t5, {}), ("clip", "clip", m.clip, {})]
-        if state.get("prior") is not None:
-            parts.append(("prior", self.networks.prior_kind, m.prior, {}))
         dtype = m.get("frozen_dtype", "float32")
-        for name, family, section, _ in parts:
-            if state.get(name) is None:
-                continue
-            path = section.get("weights", "")
+        paths = {"vae": m.vae.get("weights", "")}
+        if state.get("prior") is not None:
+            paths["prior"] = m.prior.get("weights", "")
+        if self.text_paths is not None:
+            paths["t5"], paths["clip"] = self.text_paths["t5"], self.text_paths["clip"]
+            text_dtype = self.config.text.dtype
+        for name, path in paths.items():
             if not path:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
                 continue
+            family = self.networks.prior_kind if name == "prior" else name
+            part_dtype = text_dtype if name in ("t5", "clip") else dtype
+            target = shardings["prior"]["model"] if name == "prior" else shardings[name]
+            model = convert.load_model(family, path, shardings=target, dtype=part_dtype, param_dtype=part_dtype)
+            loaded = nnx.to_pure_dict(nnx.state(model))
             if name == "prior":
-                model = convert.load_model(family, path, shardings=shardings["prior"]["model"], dtype=dtype, param_dtype=dtype)
-                state["prior"]["model"] = nnx.to_pure_dict(nnx.state(model))
+                state["prior"]["model"] = loaded
             else:
-                model = convert.load_model(family, path, shardings=shardings[name], dtype=dtype, param_dtype=dtype)
-                state[name] = nnx.to_pure_dict(nnx.state(model))
+                state[name] = loaded
         return state
 
     def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
@@ -272,7 +278,7 @@ class FluxSGATask:
         if "txt" in batch:
             txt = batch["txt"].astype(jnp.float32)
             return txt, jnp.zeros((*txt.shape[:2], 3), jnp.float32), batch["vec"].astype(jnp.float32)
-        txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch)
+        txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch, mask_t5=self.config.text.mask_t5)
         return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
 
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
@@ -292,8 +298,8 @@ class FluxSGATask:
         if frozen.t5 is None:
             log.info("sampling skipped: captions come from a cache and no text encoders are loaded")
             return None
-        tokens = self._tokenize(list(s.prompts))
-        txt, _, vec = _encode_prompts(frozen.t5, frozen.clip, tokens)
+        tokens = tokenize_captions(_tokenizers(self.text_paths), self.config.text, list(s.prompts))
+        txt, _, vec = _encode_prompts(frozen.t5, frozen.clip, tokens, self.config.text.mask_t5)
         factor = self.networks.vae.downsample_factor
         latents = sample.sample_latents(trainable.flux, txt, vec, height=s.height, width=s.width, steps=s.steps,
                                         guidance=s.guidance, key=rng, vae_factor=factor)
@@ -301,14 +307,29 @@ class FluxSGATask:
         plots.save_grid(np.asarray(images), workdir / "samples" / f"step_{step:06d}.png", captions=list(s.prompts))
         return None
 
-    def _tokenize(self, prompts: list[str]) -> dict[str, np.ndarray]:
-        if not hasattr(self, "_tokenizers"):
-            m = self.config.model
-            self._tokenizers = (load_tokenizer("t5", m.t5.tokenizer), load_tokenizer("clip", m.clip.tokenizer))
-        t5_tok, clip_tok = self._tokenizers
-        t5_ids, t5_mask = tokenize(t5_tok, prompts, self.config.model.t5.length)
-        clip_ids, _ = tokenize(clip_tok, prompts, self.config.model.clip.length)
-        return {"t5_ids": t5_ids, "t5_mask": t5_mask, "clip_ids": clip_ids}
+
+def _hf_config(path: Path) -> dict:
+    """The config.json of a save_pretrained directory, with a clear error when it is missing."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: text encoders must be save_pretrained directories")
+    return json.loads(file.read_text())
+
+
+def _tokenizers(paths: dict[str, Path]) -> tuple[Any, Any]:
+    return _load_tokenizers(str(paths["t5_tokenizer"]), str(paths["clip_tokenizer"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizers(t5_dir: str, clip_dir: str) -> tuple[Any, Any]:
+    return load_tokenizer("t5", t5_dir), load_tokenizer("clip", clip_dir)
+
+
+def tokenize_captions(tokenizers: tuple[Any, Any], text_config: Any, captions: list[str]) -> dict[str, np.ndarray]:
+    """Captions -> {"t5_ids", "t5_mask", "clip_ids"} padded and truncated as Flux does."""
+    t5_ids, t5_mask = tokenize(tokenizers[0], captions, text_config.t5_length)
+    clip_ids, _ = tokenize(tokenizers[1], captions, text_config.clip_length)
+    return {"t5_ids": t5_ids, "t5_mask": t5_mask, "clip_ids": clip_ids}
 
 
 def _example_weights(batch: dict, size: int) -> jax.Array:
@@ -318,9 +339,9 @@ def _example_weights(batch: dict, size: int) -> jax.Array:
     return valid / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-@nnx.jit
-def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return encode_tokens(t5_model, clip_model, tokens)
+@nnx.jit(static_argnums=3)
+def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return encode_tokens(t5_model, clip_model, tokens, mask_t5=mask_t5)
 
 
 @nnx.jit
@@ -336,10 +357,7 @@ class StageBatches:
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
         self.pipeline = make_pipeline(config.data, seed=seed)
-        self.tokenizers = None
-        if not config.data.caption_cache:
-            m = config.model
-            self.tokenizers = (load_tokenizer("t5", m.t5.tokenizer), load_tokenizer("clip", m.clip.tokenizer))
+        self.tokenizers = None if config.data.caption_cache else _tokenizers(resolve_paths(config.text))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -347,10 +365,8 @@ class StageBatches:
     def __next__(self) -> dict[str, Any]:
         batch = dict(next(self.pipeline))
         if self.tokenizers is not None:
-            m = self.task_config.model
             captions = [str(c) for c in batch["caption"]]
-            batch["t5_ids"], batch["t5_mask"] = tokenize(self.tokenizers[0], captions, m.t5.length)
-            batch["clip_ids"], _ = tokenize(self.tokenizers[1], captions, m.clip.length)
+            batch.update(tokenize_captions(self.tokenizers, self.task_config.text, captions))
         return parallel.host_to_global(batch, self.mesh, self.rules)
 
     def get_state(self) -> dict[str, Any]:
