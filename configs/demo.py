@@ -17,12 +17,10 @@ import ml_collections
 from configs.flux_sga import parse_row, stage_config
 from sga_jax.demo import prepare_demo_assets
 
-ASSETS = os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets")
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Tiny stage-2 run; `arg` is a row as in configs/flux_sga.py (default: dinov2, SGA, WLF)."""
-    assets = prepare_demo_assets(ASSETS)
+    assets = prepare_demo_assets(os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets"))
     row = parse_row(arg or "dinov2,sga,wlf,layer=1,long_edge=8")
     config = stage_config(row)
     config.total_steps = 24
