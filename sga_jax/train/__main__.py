@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -20,13 +21,16 @@ from ml_collections import config_flags
 
 from sga_jax import parallel
 
+if TYPE_CHECKING:
+    from sga_jax.train.loop import Run
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/X.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, TensorBoard, samples.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config and print the memory estimate; do not train.")
 
 
-def dry_run_report(run) -> str:
+def dry_run_report(run: Run) -> str:
     """Mesh, parameter count and per-device memory of a run, as printed by --dry_run."""
     from sga_jax.train.loop import describe_memory
     from sga_jax.train.state import memory_estimate

@@ -96,6 +96,7 @@ class MetricWriter:
             self.tb.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self.tb is not None:
             self.tb.close()
 

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from sga_jax import parallel
 from sga_jax.train.task import Task
 
+
 @struct.dataclass
 class TrainState:
     """Everything that changes during training and is checkpointed.

@@ -1,7 +1,8 @@
 """The train step: a pure function (state, frozen, batch) -> (state, metrics), jitted with shardings.
 
-Mixed precision: parameters are fp32 masters; the loss sees them cast to the compute dtype, and
-the gradients come back in fp32 through that cast. Gradient accumulation splits the global batch
+Mixed precision: trainable parameters are fp32 masters; the loss sees them cast to the compute
+dtype (so FSDP gathers half the bytes in bf16), and the gradients come back in fp32 through that
+cast. Frozen variables are used in the dtype the task stored them in (e.g. a bf16 text encoder). Gradient accumulation splits the global batch
 into k micro-batches and scans over them. A NaN/Inf loss or gradient skips the update (params,
 optimizer state and EMA are kept), counts it, and leaves the decision to stop to the loop.
 """
@@ -67,7 +68,7 @@ def make_train_step(
         trainable = nnx.merge(graphs.trainable, cast_floating(params, dtype), model_state)
         frozen_module = None
         if graphs.frozen is not None:
-            frozen_module = nnx.merge(graphs.frozen, cast_floating(jax.lax.stop_gradient(frozen), dtype))
+            frozen_module = nnx.merge(graphs.frozen, jax.lax.stop_gradient(frozen))
         loss, metrics = task.loss(trainable, frozen_module, batch, rng)
         return loss.astype(jnp.float32), {name: v.astype(jnp.float32) for name, v in metrics.items()}
 

@@ -13,8 +13,9 @@ logging and signals; a Task owns the models, the loss and the data. A stage is a
 
 ``loss(trainable, frozen, batch, rng) -> (loss, metrics)``
     A pure function of merged modules, a dict of arrays and a PRNG key: a float32 scalar loss and a
-    dict of float32 scalars (logged next to "loss", e.g. "loss_fm", "loss_sga"). Parameters arrive
-    in the compute dtype of `config.precision`.
+    dict of float32 scalars (logged next to "loss", e.g. "loss_fm", "loss_sga"). The trainable
+    module's parameters arrive cast to `config.precision.compute_dtype`; the frozen module's in the
+    dtype `build` / `load_frozen` gave them.
 
 ``batches(config, mesh, *, seed) -> iterator``
     Yields dicts of global `jax.Array`s sharded along the batch (see
