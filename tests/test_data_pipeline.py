@@ -20,7 +20,6 @@ from sga_jax.data import (
     make_buckets,
     make_pipeline,
     skimage_sample_dataset,
-    to_global,
 )
 
 flags.FLAGS.mark_as_parsed()  # Grain worker processes read absl flags
@@ -201,11 +200,13 @@ def test_nothing_readable_is_a_clear_error(tmp_path):
         make_pipeline(_config(tmp_path), seed=0)
 
 
-def test_to_global_shards_numeric_entries_over_the_mesh(dataset):
+def test_batches_become_global_arrays_sharded_over_the_mesh(dataset):
+    from sga_jax import parallel
+
     directory, _, _ = dataset
     mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     batch = next(make_pipeline(_config(directory, global_batch_size=8, remainder="pad"), seed=0))
-    out = to_global(batch, mesh)
+    out = parallel.host_to_global(batch, mesh, {"batch": ("data",)})
     assert isinstance(out["image"], jax.Array) and out["image"].shape == batch["image"].shape
     assert out["image"].sharding.spec == jax.sharding.PartitionSpec(("data",))
     np.testing.assert_array_equal(np.asarray(out["image"]), batch["image"])

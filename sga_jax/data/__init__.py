@@ -10,7 +10,6 @@ from sga_jax.data.pipeline import (
     default_data_config,
     index_dataset,
     make_pipeline,
-    to_global,
 )
 from sga_jax.data.sources import (
     CaptionsTxtSource,
@@ -25,5 +24,5 @@ __all__ = [
     "ArrayCacheSource", "ArrayCacheWriter", "BadRecord", "BatchPlan", "CaptionsTxtSource", "DatasetIndex",
     "MetadataJsonlSource", "Pipeline", "TfdsSource", "bucket_name", "buckets_from_config", "default_data_config",
     "index_dataset", "load_image", "make_buckets", "make_pipeline", "nearest_bucket", "open_cache", "open_source",
-    "probe", "skimage_sample_dataset", "to_global",
+    "probe", "skimage_sample_dataset",
 ]

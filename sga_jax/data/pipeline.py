@@ -17,7 +17,7 @@
 
 Batches are dicts of per-process numpy arrays: "image" float32 (b, H, W, 3) in [-1, 1], "caption"
 and "key" (object arrays of str), "valid" (bool, False for filler slots), plus the
-arrays of a joined caption cache. `to_global` makes global jax.Arrays of them.
+arrays of a joined caption cache. `sga_jax.parallel.host_to_global` makes global jax.Arrays of them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sga_jax.data.buckets import Bucket, bucket_name, make_buckets, nearest_bucket
 from sga_jax.data.cache import ArrayCacheSource, open_cache
@@ -468,18 +467,3 @@ def make_pipeline(config: ml_collections.ConfigDict, *, seed: int, process_index
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
     return Pipeline(dataset, plan, index)
-
-
-def to_global(batch: Mapping[str, Any], mesh: Mesh, spec: PartitionSpec | None = None) -> dict[str, Any]:
-    """Numeric entries of a per-process batch -> global jax.Arrays sharded by `spec` along the batch
-    axis (default: over the mesh's "data" and "fsdp" axes); strings stay host numpy arrays."""
-    if spec is None:
-        spec = PartitionSpec(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None)
-    sharding = NamedSharding(mesh, spec)
-    out: dict[str, Any] = {}
-    for name, value in batch.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind not in "OUS":
-            out[name] = jax.make_array_from_process_local_data(sharding, value)
-        else:
-            out[name] = value
-    return out
