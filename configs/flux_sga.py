@@ -71,7 +71,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
         "attention": "xla",  # "cudnn" on NVIDIA GPUs
         "frozen_dtype": "bfloat16",
         "flux": {"weights": "", "preset": "dev", "overrides": {}, "remat": "full"},
-        "vae": {"weights": "", "preset": "flux_f16", "overrides": {}},
+        "vae": {"weights": "", "preset": "flux_f16", "overrides": {}, "f16": True},  # F8 weights run as F16 too
         "prior": {"kind": row["prior"], "weights": "", "preset": PRIOR_PRESETS[row["prior"]], "overrides": {}},
     })
     config.text = default_text_config()  # a Flux.1 folder's text_encoder(_2) / tokenizer(_2), or a caption cache

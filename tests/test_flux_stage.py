@@ -1,5 +1,8 @@
 """Stage 2 (flux_sga task) on a tiny config: the loss terms, where the SGA gradient goes, the hidden
-tap, learning on a repeated batch, and a sharded train step against one device."""
+tap, learning on a repeated batch, a sharded train step against one device, and weights loaded from
+public checkpoint formats."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +187,35 @@ def test_sharded_train_step_equals_one_device(demo_config):
         assert sharded_metrics[name] == pytest.approx(single_metrics[name], rel=1e-5), name
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_weights_load_from_public_formats_into_the_run(demo_config, tmp_path):
+    """Flux (diffusers layout), the VAE (BFL ae layout, F8 weights run as F16) and the prior
+    (save_pretrained dir) given as paths replace the random initialisation, value for value."""
+    from sga_jax.models import dinov2, flux, vae
+
+    base = demo_config()
+    probe = get_task(base.task, base)
+    rngs = nnx.Rngs(42)
+    flux_model = flux.Flux(probe.networks.flux, rngs=rngs)
+    ae = vae.AutoEncoder(dataclasses.replace(probe.networks.vae, f16=False), rngs=rngs)
+    prior = dinov2.Dinov2(probe.networks.prior, rngs=rngs)
+    flux.save(flux_model, tmp_path / "flux", format="diffusers")
+    vae.save(ae, tmp_path / "ae.safetensors", format="bfl")
+    dinov2.save(prior, tmp_path / "dinov2")
+
+    config = demo_config(**{"model.flux.weights": str(tmp_path / "flux"), "model.vae.weights": str(tmp_path / "ae.safetensors"),
+                            "model.prior.weights": str(tmp_path / "dinov2")})
+    run = loop.build_run(config, jax.devices()[:1])
+    assert run.task.networks.vae.f16 and run.task.networks.vae.ch == probe.networks.vae.ch
+    state = state_lib.load_pretrained(run.task, state_lib.init_state(run.task, config, run.optimizer, run.setup), run.setup)
+    frozen = state_lib.init_frozen(run.task, config, run.setup)
+
+    def assert_same(loaded, module):
+        expected = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(loaded), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+    assert_same(state.params["flux"], flux_model)
+    assert_same(frozen["vae"], ae)
+    assert_same(frozen["prior"]["model"], prior)

@@ -39,6 +39,7 @@ from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
+from sga_jax.models.vae.convert import open_checkpoint as open_vae_checkpoint
 from sga_jax.text import encode_tokens, load_tokenizer, tokenize
 from sga_jax.train import flow_matching as fm
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 ALIGN_METHODS = ("sga", "irepa", "repa", "none")
 OBJECTIVES = ("fm", "wlf")
-PRIOR_FAMILIES = {"dinov2": dinov2, "dinov3": dinov3, "sam2": sam2}
 PRIOR_MODELS = {"dinov2": (dinov2.Dinov2Config, dinov2.Dinov2), "dinov3": (dinov3.Dinov3Config, dinov3.Dinov3),
                 "sam2": (sam2.Sam2HieraConfig, sam2.Sam2Hiera)}
 
@@ -89,8 +89,10 @@ def _config_from(section: ml_collections.ConfigDict, cls: Any, family: str) -> A
         config = cls.from_dict(json.loads((Path(weights) / convert.CONFIG_FILE).read_text())["config"])
     elif weights and hasattr(cls, "from_hf_config") and (Path(weights) / "config.json").is_file():
         config = cls.from_hf_config(json.loads((Path(weights) / "config.json").read_text()))
-    elif weights and family in ("flux", "vae"):
-        config = {"flux": flux.infer_config, "vae": vae.infer_config}[family](weights)
+    elif weights and family == "flux":
+        config = flux.infer_config(weights)
+    elif weights and family == "vae":
+        config = vae.infer_config(*open_vae_checkpoint(weights)[:2])
     else:
         preset = section.get("preset", "")
         if not preset or not hasattr(cls, preset):
@@ -124,7 +126,7 @@ class FluxSGATask:
                                           attention=m.get("attention", "xla"))
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(_config_from(m.vae, vae.AutoEncoderConfig, "vae"),
-                                         dtype=frozen_dtype, param_dtype=frozen_dtype)
+                                         dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
         prior_kind = m.prior.kind
         if prior_kind not in PRIOR_MODELS:
             raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(PRIOR_MODELS)}")
@@ -212,9 +214,12 @@ class FluxSGATask:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
                 continue
             family = self.networks.prior_kind if name == "prior" else name
-            part_dtype = text_dtype if name in ("t5", "clip") else dtype
+            overrides = {"dtype": text_dtype if name in ("t5", "clip") else dtype}
+            overrides["param_dtype"] = overrides["dtype"]
+            if name == "vae":
+                overrides["f16"] = self.networks.vae.f16  # F8 weights run in the F16 form (no new parameters)
             target = shardings["prior"]["model"] if name == "prior" else shardings[name]
-            model = convert.load_model(family, path, shardings=target, dtype=part_dtype, param_dtype=part_dtype)
+            model = convert.load_model(family, path, shardings=target, **overrides)
             loaded = nnx.to_pure_dict(nnx.state(model))
             if name == "prior":
                 state["prior"]["model"] = loaded
