@@ -88,6 +88,7 @@ def run_step(step: str, src: Path, dst: Path) -> dict:
         from sga_jax import convert
 
         convert.main(["flux", str(src), str(dst)])
+        model_mib = 4 * flux.param_count(flux.infer_config(src)) / MIB  # the fp32 parameters it held
     else:
         raise ValueError(f"unknown step {step!r}")
     seconds = time.perf_counter() - start
@@ -143,7 +144,8 @@ def main() -> None:
             f"{file_mib:.0f} MiB, written streaming in {generated['seconds']:.0f} s. Each conversion runs in its own "
             "process; RSS includes the Python/JAX start-up (`start`, ~0.3-0.5 GiB). On a CPU backend the loaded "
             "parameters are host memory, so `flux.load` cannot go below params / file; the last column is the "
-            "converter's own overhead beyond the start-up and the parameters it returns. The CPU and disk are "
+            "converter's own overhead beyond the start-up and the parameters it holds (for the CLI: fp32 "
+            "parameters, twice the bf16 file, plus the buffers orbax holds while it saves). The CPU and disk are "
             "shared with other agents' jobs.\n\n" + markdown_table(rows)
         )
         write_section("convert", "Flux checkpoint conversion (>= 2 GiB synthetic)", body, record)

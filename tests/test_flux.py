@@ -101,6 +101,9 @@ def test_diffusers_export_loads_strict_in_diffusers(dev, tmp_path):
     model = flux.load(dev["dir"], param_dtype="float32")
     flux.save(model, tmp_path / "out", format="diffusers", max_shard_bytes=40_000)
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    sharded = flux.load(tmp_path / "out")  # and we read the sharded directory back through its index
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(sharded, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     again = FluxTransformer2DModel.from_pretrained(tmp_path / "out")
     out = reference_forward(again.eval(), dev["x"], dev["guidance"])
     assert_close_relative(out, dev["out"], 1e-6, "diffusers output after our export")
