@@ -5,10 +5,10 @@
    side in one run; medians of `--repeats`.
 2. Decoding a 4096 x 4096 image from an F16 latent (256 x 256 x 16) through `decode_tiled`
    (512 px tiles, 128 px overlap: the config defaults), each in a fresh subprocess that reports
-   its peak RSS. At Flux's real width (ch 128) the run is ~40 TFLOP, too long for this shared
-   2-core CPU, so it runs at `--width` (default ch 32, same depth and tiling, 1/16 of the FLOPs);
-   for the real width, XLA's buffer plan for the compiled tiled decode at 4096 (compiled, not run)
-   is reported beside the untiled plan.
+   its peak RSS. At Flux's real width (ch 128) the run is tens of TFLOP (reported), too long for
+   this shared 2-core CPU, so it runs at `--width` (default ch 32, same depth and tiling, ~1/16
+   of the FLOPs); for the real width, XLA's buffer plan for the compiled tiled decode at 4096
+   (compiled, not run) is reported beside the untiled plan.
 
 python bench/vae.py [--repeats 3] [--width 32] [--quick]
 """
@@ -107,10 +107,15 @@ def _tile_count(side: int, config: vae.AutoEncoderConfig) -> int:
 
 
 def buffer_plan(size: int) -> list[dict]:
-    """XLA's buffer plan (compiled, not run) for F16 decode at Flux's width, tiled and untiled."""
+    """XLA's buffer plan (compiled, not run) for F16 decode at Flux's width, tiled and untiled, and
+    the FLOPs of the tiled decode (XLA's count for one tile times the number of tiles)."""
     config = vae.AutoEncoderConfig.flux_f16(tile_threshold=None)
     model = nnx.eval_shape(lambda: vae.AutoEncoder(config, rngs=nnx.Rngs(0)))
     side = size // config.downsample_factor
+    tile = config.tile_size // config.downsample_factor
+    one_tile, _ = _compiled(model, "decode", (1, tile, tile, config.z_channels))
+    tiles = _tile_count(side, config)
+    tflop = tiles * one_tile.cost_analysis()["flops"] / 1e12
     rows = []
     for method in ("decode_tiled", "decode"):
         compiled, _ = _compiled(model, method, (1, side, side, config.z_channels))
@@ -119,8 +124,9 @@ def buffer_plan(size: int) -> list[dict]:
             {
                 "decode": f"F16 {'tiled' if method == 'decode_tiled' else 'untiled'}, ch 128, {size}x{size}",
                 "XLA temp MiB": stats.temp_size_in_bytes / MIB,
-                "params MiB": stats.argument_size_in_bytes / MIB,
+                "arguments MiB": stats.argument_size_in_bytes / MIB,
                 "output MiB": stats.output_size_in_bytes / MIB,
+                "TFLOP": tflop if method == "decode_tiled" else "",
             }
         )
         print(rows[-1], flush=True)
@@ -164,12 +170,13 @@ def main() -> None:
             markdown_table(speed_rows),
             f"Tiled F16 decode (512 px tiles, 128 px overlap), one fresh process each: peak RSS of the whole "
             f"process (Python, JAX, parameters, the compiled program, the float32 output). Run at ch {args.width} "
-            "instead of Flux's 128 (same depth and tiling, 1/16 of the FLOPs), because the full-width 4K decode "
-            "(~40 TFLOP) does not fit in this shared 2-core CPU's time; the growth from the 1/4-size run to the "
-            "full one is the output buffer, not activations.",
+            "instead of Flux's 128 (same depth and tiling, ~1/16 of the FLOPs), because the full-width 4K decode "
+            f"({plan_rows[0]['TFLOP']:.0f} TFLOP, below) does not fit in this shared 2-core CPU's time; the growth "
+            "from the 1/4-size run to the full one is the output buffer, not activations.",
             markdown_table(peak_rows),
             f"Flux's full width (ch 128) at {big} x {big}: XLA's buffer plan for the compiled program (compiled, "
-            "not run). Tiled, the temporaries are one tile's activations; untiled they grow with the image.",
+            "not run; arguments are the decoder's parameters and the latent). Tiled, the temporaries are one tile's "
+            "activations; untiled they grow with the image. TFLOP: XLA's count for one tile times the tiles.",
             markdown_table(plan_rows),
         ]
     )

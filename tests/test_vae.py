@@ -182,9 +182,10 @@ def test_remat_gradient_matches_torch(reference, inputs):
     assert_close_relative(grad, nchw_to_nhwc(z.grad), TOL, "d decode / d z under remat")
 
 
-def test_bfloat16_compute_stays_close(reference, inputs):
+def test_bfloat16_params_and_compute_stay_close(reference, inputs):
     torch_model, path = reference
-    ae = vae.load(path, dtype="bfloat16")
+    ae = vae.load(path, dtype="bfloat16", param_dtype="bfloat16")
+    assert ae.decoder.conv_in.kernel[...].dtype == jnp.bfloat16
     _, _, decoded = _torch_outputs(torch_model, *inputs)
     assert_close_relative(_jit(ae, "decode")(inputs[1]), decoded, 5e-2, "bf16 decode")
 
@@ -196,7 +197,7 @@ def test_posterior_sample_statistics(reference, inputs):
     mean, logvar = _jit(ae, "encode_moments")(image)
     graphdef, state = nnx.split(ae)
     sample = jax.jit(jax.vmap(lambda key, s, x: nnx.merge(graphdef, s).encode(x, rng=key), in_axes=(0, None, None)))
-    samples = np.asarray(sample(jax.random.split(jax.random.key(0), 16), state, image))
+    samples = np.asarray(sample(jax.random.split(jax.random.key(0), 64), state, image))
     noise = (samples / 0.3611 + 0.1159 - mean) / np.exp(0.5 * logvar)
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05, (noise.mean(), noise.std())
 
@@ -208,6 +209,9 @@ def test_load_errors_name_keys_and_shapes(reference, tmp_path):
     save_file({"foo.weight": np.zeros(3, np.float32)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(W.CheckpointError, match="not a Flux VAE checkpoint"):
         vae.load(tmp_path / "x.safetensors")
+    save_file({"quant_conv.weight": np.zeros((16, 16, 1, 1), np.float32)}, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(W.CheckpointError, match="quant_conv / post_quant_conv layers"):
+        vae.load(tmp_path / "sd.safetensors")
     with pytest.raises(ValueError, match="unknown VAE export format"):
         vae.save(vae.load(path), tmp_path / "y", format="ldm")
 

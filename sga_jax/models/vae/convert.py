@@ -104,6 +104,11 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[W.CheckpointReader, str, C
     """
     prefix = _prefix(Path(path))
     reader = W.CheckpointReader(path, prefix=prefix, subfolder_hint="vae")
+    if "quant_conv.weight" in reader or "post_quant_conv.weight" in reader:
+        raise W.CheckpointError(
+            f"{reader.path}: this VAE has quant_conv / post_quant_conv layers (a Stable Diffusion style "
+            "AutoencoderKL); Flux's VAE has none, so it cannot be loaded as one"
+        )
     if prefix:
         return reader, detect_format(reader), lambda k: not k.startswith(("encoder.", "decoder."))
     return reader, detect_format(reader), lambda k: False
@@ -140,9 +145,8 @@ def infer_config(reader: W.CheckpointReader, fmt: str) -> AutoEncoderConfig:
         "out_ch": reader.shape("decoder.conv_out.weight")[0],
     }
     hf = _config_json(reader.path) if fmt == "diffusers" else {}
-    stored = hf.get("_" + METADATA_KEY)
-    if stored:
-        return AutoEncoderConfig.from_dict(stored)
+    if hf.get("_" + METADATA_KEY):
+        return AutoEncoderConfig.from_dict(hf["_" + METADATA_KEY])
     if hf:
         fields["norm_groups"] = hf.get("norm_num_groups", 32)
         fields["scale_factor"] = hf.get("scaling_factor", AutoEncoderConfig.scale_factor)
