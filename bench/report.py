@@ -4,6 +4,7 @@ of docs/benchmarks.md (each script owns the section between its markers) plus a 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -91,11 +92,13 @@ def write_section(name: str, title: str, body: str, record: dict[str, Any]) -> N
         f"<!-- bench:{name} -->\n## {title}\n\n`python bench/{name}.py` on {stamp}; {machine()}.\n\n"
         f"{body.strip()}\n<!-- /bench:{name} -->"
     )
-    text = DOC.read_text() if DOC.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    with open(DOC.with_suffix(".lock"), "w") as lock:  # bench scripts may finish at the same time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = DOC.read_text() if DOC.exists() else HEADER
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        DOC.write_text(text)
     JSON_DIR.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine(), "date": stamp, **record}
     (JSON_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -219,3 +219,28 @@ def test_weights_load_from_public_formats_into_the_run(demo_config, tmp_path):
     assert_same(state.params["flux"], flux_model)
     assert_same(frozen["vae"], ae)
     assert_same(frozen["prior"]["model"], prior)
+
+
+def test_training_run_exports_flux_that_diffusers_loads(demo_config, tmp_path):
+    """Two steps through the engine's loop (checkpoint, metrics, samples), then the trained Flux out
+    to diffusers' layout: FluxTransformer2DModel loads it strictly with the checkpoint's values."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from sga_jax.train.checkpoint import Checkpointer
+    from sga_jax.train.export import export_flux
+
+    config = demo_config(**{"total_steps": 2, "checkpoint_every": 2, "log_every": 1, "sample_every": 2,
+                            "sample.height": 64, "sample.width": 64, "sample.steps": 2, "sample.prompts": ("a cat",)})
+    workdir = tmp_path / "run"
+    run = loop.build_run(config, jax.devices()[:1])
+    loop.train(config, workdir, run=run)
+    assert (workdir / "samples" / "step_000002.png").is_file() and (workdir / "loss_curve.png").is_file()
+    assert export_flux(workdir, tmp_path / "export", format="diffusers") == 2
+
+    model = FluxTransformer2DModel.from_pretrained(tmp_path / "export", low_cpu_mem_usage=False)
+    target = state_lib.with_shardings(run.setup.abstract_state, run.setup.state_shardings)
+    state, _, _, _ = Checkpointer(workdir / "checkpoints").restore(2, target)
+    kernel = np.asarray(state.params["flux"]["img_in"]["kernel"])
+    np.testing.assert_array_equal(model.x_embedder.weight.detach().numpy(), kernel.T)
+    assert not torch.isnan(next(model.parameters())).any()
