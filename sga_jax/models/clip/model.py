@@ -20,10 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipTextConfig:
+class ClipTextConfig(JsonConfig):
     """Hyper-parameters of a CLIP text encoder (names as transformers' `CLIPTextConfig`).
 
     `eos_token_id` selects the pooling rule (see the module docstring); `dtype` is the compute
@@ -81,19 +82,6 @@ class ClipTextConfig:
         defaults = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=16)
         return cls(**{**defaults, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `from_dict` inverts it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipTextConfig":
-        """Build from `to_dict()` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ClipTextConfig: unknown fields {unknown}")
-        return cls(**d)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "ClipTextConfig":

@@ -7,7 +7,6 @@ only changes layouts (Linear (out, in) -> (in, out), Conv2d OIHW -> HWIO) and st
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.models import hf
 from sga_jax.models.dinov2.model import Dinov2, Dinov2Config
 
 FORMATS = ("hf",)
@@ -52,12 +52,7 @@ def key_map(config: Dinov2Config) -> dict[str, W.Rule]:
 
 def read_config(path: str | os.PathLike) -> Dinov2Config:
     """The config from `config.json` beside the weights (a directory, or a file inside one)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    file = folder / "config.json"
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: no config.json; pass config=Dinov2Config(...) to load()")
-    return Dinov2Config.from_hf_config(json.loads(file.read_text()))
+    return Dinov2Config.from_hf_config(hf.config_json(path, "Dinov2Config"))
 
 
 def abstract_model(config: Dinov2Config) -> Dinov2:
@@ -83,12 +78,7 @@ def save(model: Dinov2, path: str | os.PathLike, format: str = "hf", *, dtype: A
     """Write a save_pretrained-style directory (config.json + model.safetensors) that transformers loads."""
     if format not in FORMATS:
         raise ValueError(f"DINOv2 save: format {format!r} is not one of {FORMATS}")
-    config = model.config
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(to_hf_config(config), indent=2))
-    state = nnx.state(model, nnx.Param)
-    return W.save_state(path / "model.safetensors", state, key_map(config), dtype=dtype, metadata={"format": "pt"})
+    return hf.save_pretrained(path, to_hf_config(model.config), model, key_map(model.config), dtype=dtype)
 
 
 def to_hf_config(config: Dinov2Config) -> dict[str, Any]:

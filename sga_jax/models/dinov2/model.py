@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
+from sga_jax.models.vit import LayerScale, learned_token, square_size
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -25,7 +27,7 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(JsonConfig):
     """DINOv2 hyper-parameters (names as transformers' `Dinov2Config`) plus compute settings.
 
     `image_size` fixes the stored position-embedding grid (image_size // patch_size per side);
@@ -102,19 +104,6 @@ class Dinov2Config:
             base.update(model_type="dinov2_with_registers", num_register_tokens=4)
         return cls(**{**base, **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that `from_dict` turns back into this config."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Dinov2Config":
-        """Inverse of `to_dict`; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Dinov2Config: unknown fields {unknown}")
-        return cls(**d)
-
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "Dinov2Config":
         """Read a transformers `config.json` dict ("dinov2" or "dinov2_with_registers")."""
@@ -131,8 +120,8 @@ class Dinov2Config:
             mlp_ratio=float(hf.get("mlp_ratio", defaults.mlp_ratio)),
             hidden_act=hf.get("hidden_act", defaults.hidden_act),
             layer_norm_eps=hf.get("layer_norm_eps", defaults.layer_norm_eps),
-            image_size=_square(hf, "image_size", 224),
-            patch_size=_square(hf, "patch_size", defaults.patch_size),
+            image_size=square_size(hf, "image_size", 224),
+            patch_size=square_size(hf, "patch_size", defaults.patch_size),
             num_channels=hf.get("num_channels", defaults.num_channels),
             qkv_bias=hf.get("qkv_bias", defaults.qkv_bias),
             layerscale_value=hf.get("layerscale_value", defaults.layerscale_value),
@@ -141,22 +130,6 @@ class Dinov2Config:
             use_mask_token=hf.get("use_mask_token", True) or model_type == "dinov2_with_registers",
         )
         return cls(**{**fields, **overrides})
-
-
-def _square(hf: dict[str, Any], name: str, default: int) -> int:
-    """A config.json size that may be an int or a square [h, w] pair, as one int."""
-    value = hf.get(name, default)
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"config.json: non-square {name} {list(value)} is not supported")
-        value = value[0]
-    return int(value)
-
-
-def _token(shape: tuple[int, ...], rngs: nnx.Rngs, param_dtype: Any, std: float = 0.02) -> nnx.Param:
-    """A learned token / embedding table with a trailing "embed" axis."""
-    value = nnx.initializers.truncated_normal(std)(rngs.params(), shape, param_dtype)
-    return nnx.Param(value, out_sharding=(None,) * (len(shape) - 1) + ("embed",), eager_sharding=False)
 
 
 class PatchEmbeddings(nnx.Module):
@@ -180,12 +153,12 @@ class Embeddings(nnx.Module):
         self.config = config
         pdt = L.dtype_of(config.param_dtype)
         c = config.hidden_size
-        self.cls_token = _token((1, 1, c), rngs, pdt)
+        self.cls_token = learned_token((1, 1, c), rngs, pdt)
         if config.use_mask_token:
             self.mask_token = nnx.Param(jnp.zeros((1, c), pdt), out_sharding=(None, "embed"), eager_sharding=False)
-        self.position_embeddings = _token((1, config.grid_size**2 + 1, c), rngs, pdt)
+        self.position_embeddings = learned_token((1, config.grid_size**2 + 1, c), rngs, pdt)
         if config.model_type == "dinov2_with_registers":
-            self.register_tokens = _token((1, config.num_register_tokens, c), rngs, pdt)
+            self.register_tokens = learned_token((1, config.num_register_tokens, c), rngs, pdt)
         self.patch_embeddings = PatchEmbeddings(config, rngs=rngs)
 
     def position_grid(self, grid: tuple[int, int]) -> jax.Array:
@@ -252,16 +225,6 @@ class Attention(nnx.Module):
         v = self.attention.value(x).reshape(heads)
         out = L.attention(q, k, v, implementation=self.config.attention)
         return self.output.dense(out.reshape(batch, length, -1))
-
-
-class LayerScale(nnx.Module):
-    """Per-channel residual branch scale `lambda1`."""
-
-    def __init__(self, dim: int, value: float, param_dtype: Any):
-        self.lambda1 = nnx.Param(jnp.full((dim,), value, param_dtype), out_sharding=("embed",), eager_sharding=False)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.lambda1[...].astype(x.dtype)
 
 
 class Mlp(nnx.Module):

@@ -7,7 +7,6 @@ layouts (Linear (out, in) -> (in, out), Conv2d OIHW -> HWIO) and stacks the bloc
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.models import hf
 from sga_jax.models.dinov3.model import Dinov3, Dinov3Config
 
 FORMATS = ("hf",)
@@ -56,11 +56,7 @@ def key_map(config: Dinov3Config) -> dict[str, W.Rule]:
 
 def read_config(path: str | os.PathLike) -> Dinov3Config:
     """The config from `config.json` beside the weights (a directory, or a file inside one)."""
-    path = Path(path)
-    file = (path if path.is_dir() else path.parent) / "config.json"
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: no config.json; pass config=Dinov3Config(...) to load()")
-    return Dinov3Config.from_hf_config(json.loads(file.read_text()))
+    return Dinov3Config.from_hf_config(hf.config_json(path, "Dinov3Config"))
 
 
 def abstract_model(config: Dinov3Config) -> Dinov3:
@@ -92,8 +88,4 @@ def save(model: Dinov3, path: str | os.PathLike, format: str = "hf", *, dtype: A
     """Write a save_pretrained-style directory (config.json + model.safetensors) that transformers loads."""
     if format not in FORMATS:
         raise ValueError(f"DINOv3 save: format {format!r} is not one of {FORMATS}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
-    state = nnx.state(model, nnx.Param)
-    return W.save_state(path / "model.safetensors", state, key_map(model.config), dtype=dtype, metadata={"format": "pt"})
+    return hf.save_pretrained(path, to_hf_config(model.config), model, key_map(model.config), dtype=dtype)

@@ -19,13 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
+from sga_jax.models.vit import LayerScale, learned_token, square_size
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov3Config:
+class Dinov3Config(JsonConfig):
     """DINOv3 ViT hyper-parameters (names as transformers' `DINOv3ViTConfig`) plus compute settings."""
 
     hidden_size: int = 768
@@ -85,18 +87,6 @@ class Dinov3Config:
         base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
         return cls(**{**base, **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that `from_dict` turns back into this config."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Dinov3Config":
-        """Inverse of `to_dict`; unknown keys are an error."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"Dinov3Config: unknown fields {unknown}")
-        return cls(**d)
-
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "Dinov3Config":
         """Read a transformers `config.json` dict of model_type "dinov3_vit"."""
@@ -108,27 +98,12 @@ class Dinov3Config:
             if f.name in ("dtype", "param_dtype", "attention", "remat"):
                 continue
             if f.name in ("image_size", "patch_size"):
-                fields[f.name] = _square(hf, f.name, getattr(cls, f.name))
+                fields[f.name] = square_size(hf, f.name, getattr(cls, f.name))
             elif f.name in hf:
                 fields[f.name] = hf[f.name]
             elif f.name in hf_defaults:
                 fields[f.name] = hf_defaults[f.name]
         return cls(**{**fields, **overrides})
-
-
-def _square(hf: dict[str, Any], name: str, default: int) -> int:
-    """A config.json size that may be an int or a square [h, w] pair, as one int."""
-    value = hf.get(name, default)
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise ValueError(f"config.json: non-square {name} {list(value)} is not supported")
-        value = value[0]
-    return int(value)
-
-
-def _token(shape: tuple[int, ...], rngs: nnx.Rngs, param_dtype: Any, std: float = 0.02) -> nnx.Param:
-    value = nnx.initializers.truncated_normal(std)(rngs.params(), shape, param_dtype)
-    return nnx.Param(value, out_sharding=(None,) * (len(shape) - 1) + ("embed",), eager_sharding=False)
 
 
 def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -153,9 +128,9 @@ class Embeddings(nnx.Module):
         self.config = config
         pdt = L.dtype_of(config.param_dtype)
         c = config.hidden_size
-        self.cls_token = _token((1, 1, c), rngs, pdt)
+        self.cls_token = learned_token((1, 1, c), rngs, pdt)
         self.mask_token = nnx.Param(jnp.zeros((1, 1, c), pdt), out_sharding=(None, None, "embed"), eager_sharding=False)
-        self.register_tokens = _token((1, config.num_register_tokens, c), rngs, pdt)
+        self.register_tokens = learned_token((1, config.num_register_tokens, c), rngs, pdt)
         p = config.patch_size
         self.patch_embeddings = L.conv(
             config.num_channels, c, p, strides=p, padding="VALID", rngs=rngs,
@@ -199,16 +174,6 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(heads)
         out = L.attention(q, k, v, implementation=self.config.attention)
         return self.o_proj(out.reshape(batch, length, -1))
-
-
-class LayerScale(nnx.Module):
-    """Per-channel residual branch scale `lambda1`."""
-
-    def __init__(self, dim: int, value: float, param_dtype: Any):
-        self.lambda1 = nnx.Param(jnp.full((dim,), value, param_dtype), out_sharding=("embed",), eager_sharding=False)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.lambda1[...].astype(x.dtype)
 
 
 class Mlp(nnx.Module):

@@ -21,13 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 TIME_EMBED_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(JsonConfig):
     """Hyper-parameters of the Flux transformer: BFL's `FluxParams` plus run settings.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "float32",
@@ -104,21 +105,6 @@ class FluxConfig:
     def schnell(cls, **overrides: Any) -> "FluxConfig":
         """FLUX.1-schnell: as dev without the guidance embedding."""
         return cls(**{"guidance_embed": False, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; `from_dict` inverts it."""
-        out = dataclasses.asdict(self)
-        out["axes_dim"] = list(self.axes_dim)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FluxConfig":
-        """Build from `to_dict` output; unknown keys are an error naming them."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"FluxConfig: unknown fields {unknown}; expected a subset of {sorted(fields)}")
-        return cls(**d)
 
     @classmethod
     def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "FluxConfig":

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.models import hf
 from sga_jax.models.sam2.model import Sam2Hiera, Sam2HieraConfig
 
 FORMATS = ("hf",)
@@ -112,8 +113,4 @@ def save(model: Sam2Hiera, path: str | os.PathLike, format: str = "hf", *, dtype
     """Write a `Sam2HieraDetModel` save_pretrained-style directory that transformers loads."""
     if format not in FORMATS:
         raise ValueError(f"SAM2 save: format {format!r} is not one of {FORMATS}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(to_hf_config(model.config), indent=2))
-    state = nnx.state(model, nnx.Param)
-    return W.save_state(path / "model.safetensors", state, key_map(model.config), dtype=dtype, metadata={"format": "pt"})
+    return hf.save_pretrained(path, to_hf_config(model.config), model, key_map(model.config), dtype=dtype)

@@ -24,13 +24,14 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Sam2HieraConfig:
+class Sam2HieraConfig(JsonConfig):
     """Hiera trunk hyper-parameters (names as transformers' `Sam2HieraDetConfig`) plus compute settings.
 
     Defaults are SAM2 / SAM2.1 Hiera B+ (facebook/sam2.1-hiera-base-plus).
@@ -126,18 +127,6 @@ class Sam2HieraConfig:
             window_positional_embedding_background_size=(6, 6),
         )
         return cls(**{**base, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that `from_dict` turns back into this config."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Sam2HieraConfig":
-        """Inverse of `to_dict`; unknown keys are an error."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"Sam2HieraConfig: unknown fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "Sam2HieraConfig":

@@ -27,12 +27,13 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(JsonConfig):
     """Hyper-parameters of a T5 encoder (names as transformers' `T5Config`).
 
     Attributes:
@@ -101,19 +102,6 @@ class T5Config:
         defaults = dict(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                         relative_attention_num_buckets=8, relative_attention_max_distance=20)
         return cls(**{**defaults, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `from_dict` inverts it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "T5Config":
-        """Build from `to_dict()` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"T5Config: unknown fields {unknown}")
-        return cls(**d)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "T5Config":

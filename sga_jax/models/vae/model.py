@@ -25,13 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models.config import JsonConfig
 from sga_jax.models.vae import tiling
 
 IMAGE_AXES = ("batch", None, None, None)
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoEncoderConfig:
+class AutoEncoderConfig(JsonConfig):
     """Shape, numerics and tiling of the autoencoder.
 
     Fields up to `shift_factor` are BFL's `AutoEncoderParams`. `f16` switches to the 16x form.
@@ -111,21 +112,6 @@ class AutoEncoderConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side: 8 (F8) or 16 (F16) for Flux."""
         return 2 ** (len(self.ch_mult) - 1) * (2 if self.f16 else 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict; `from_dict` inverts it."""
-        d = dataclasses.asdict(self)
-        d["ch_mult"] = list(self.ch_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AutoEncoderConfig":
-        """Build from `to_dict()` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"AutoEncoderConfig: unknown fields {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
 
 
 def _checkpointed(module: nnx.Module, x: jax.Array, policy: str) -> jax.Array:
