@@ -23,11 +23,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     assets = prepare_demo_assets(os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets"))
     row = parse_row(arg or "dinov2,sga,wlf,layer=1,long_edge=8")
     config = stage_config(row)
-    config.total_steps = 24
+    config.total_steps = 60
     config.batch_size = 2
-    config.checkpoint_every = 12
+    config.checkpoint_every = 30
     config.log_every = 2
-    config.sample_every = 12
+    config.sample_every = 30
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 4
