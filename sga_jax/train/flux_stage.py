@@ -194,38 +194,41 @@ class FluxSGATask:
         return {**params, "flux": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
 
     def load_frozen(self, abstract: dict, shardings: dict) -> dict:
-        """Frozen weights from their paths; parts without a path are randomly initialised (seeded)."""
-        seed = int(self.config.seed)
-
-        def init(key: jax.Array) -> dict:
-            return nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
-
-        state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+        """Frozen weights from their paths, each streamed into its shardings; parts without a path
+        are randomly initialised from the seed (only those: XLA drops the others' initialisers)."""
         m = self.config.model
-        dtype = m.get("frozen_dtype", "float32")
         paths = {"vae": m.vae.get("weights", "")}
-        if state.get("prior") is not None:
+        if abstract.get("prior") is not None:
             paths["prior"] = m.prior.get("weights", "")
         if self.text_paths is not None:
-            paths["t5"], paths["clip"] = self.text_paths["t5"], self.text_paths["clip"]
-            text_dtype = self.config.text.dtype
-        for name, path in paths.items():
-            if not path:
+            paths["t5"], paths["clip"] = str(self.text_paths["t5"]), str(self.text_paths["clip"])
+        state = {name: None for name in abstract}
+        random_parts = [name for name, path in paths.items() if not path]
+        if random_parts:
+            for name in random_parts:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
-                continue
-            family = self.networks.prior_kind if name == "prior" else name
-            overrides = {"dtype": text_dtype if name in ("t5", "clip") else dtype}
-            overrides["param_dtype"] = overrides["dtype"]
-            if name == "vae":
-                overrides["f16"] = self.networks.vae.f16  # F8 weights run in the F16 form (no new parameters)
-            target = shardings["prior"]["model"] if name == "prior" else shardings[name]
-            model = convert.load_model(family, path, shardings=target, **overrides)
-            loaded = nnx.to_pure_dict(nnx.state(model))
-            if name == "prior":
-                state["prior"]["model"] = loaded
-            else:
-                state[name] = loaded
+
+            def init(key: jax.Array) -> dict:
+                full = nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
+                return {name: full[name] for name in random_parts}
+
+            out_shardings = {name: shardings[name] for name in random_parts}
+            state.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
+        for name, path in paths.items():
+            if path:
+                state[name] = self._load_frozen_part(name, path, shardings[name])
         return state
+
+    def _load_frozen_part(self, name: str, path: str, shardings: dict) -> dict:
+        """One frozen network's variables from `path` (public format or converted directory)."""
+        dtype = self.config.text.dtype if name in ("t5", "clip") else self.config.model.get("frozen_dtype", "float32")
+        overrides = {"dtype": dtype, "param_dtype": dtype}
+        if name == "vae":
+            overrides["f16"] = self.networks.vae.f16  # F8 weights run in the F16 form (no new parameters)
+        if name == "prior":
+            model = convert.load_model(self.networks.prior_kind, path, shardings=shardings["model"], **overrides)
+            return {"model": nnx.to_pure_dict(nnx.state(model))}
+        return nnx.to_pure_dict(nnx.state(convert.load_model(name, path, shardings=shardings, **overrides)))
 
     def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
         """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart."""
