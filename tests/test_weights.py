@@ -106,3 +106,4 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(W.CheckpointError, match="not a readable safetensors file"):
         W.CheckpointReader(tmp_path / "bad.safetensors")
+

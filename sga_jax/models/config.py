@@ -1,19 +1,26 @@
-"""What every model family's config dataclass shares: a JSON round trip with clear errors."""
+"""What every model family's config dataclass shares: a JSON round trip and the checks of the
+run settings (`dtype`, `param_dtype`, `attention`, `remat`), with clear errors."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, TypeVar
 
-C = TypeVar("C", bound="JsonConfig")
+import jax.numpy as jnp
+
+from sga_jax.models import layers as L
+
+C = TypeVar("C", bound="ModelConfig")
 
 
-class JsonConfig:
+class ModelConfig:
     """Mixin for the frozen config dataclasses of the model families.
 
     `to_dict()` gives a JSON-ready dict (tuples as lists) that converters store beside weights and
     checkpoints; `from_dict()` inverts it (lists back to tuples, so configs stay hashable and
-    usable as static arguments) and names any unknown field.
+    usable as static arguments) and names any unknown field. `run_setting_problems()` checks the
+    fields every family has: compute / parameter dtype names, attention implementation and remat
+    policy.
     """
 
     def to_dict(self) -> dict[str, Any]:
@@ -28,3 +35,23 @@ class JsonConfig:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def run_setting_problems(self) -> list[str]:
+        """What is wrong with dtype / param_dtype / attention / remat, as messages (empty: fine)."""
+        problems = []
+        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
+        if self.remat not in L.REMAT_POLICIES:
+            problems.append(f"remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                problems.append(f"{name} {getattr(self, name)!r} is not a dtype name")
+        return problems
+
+    def check_run_settings(self) -> None:
+        """Raise a ValueError naming the config class and every bad run setting."""
+        problems = self.run_setting_problems()
+        if problems:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipTextConfig(JsonConfig):
+class ClipTextConfig(ModelConfig):
     """Hyper-parameters of a CLIP text encoder (names as transformers' `CLIPTextConfig`).
 
     `eos_token_id` selects the pooling rule (see the module docstring); `dtype` is the compute
@@ -57,15 +57,7 @@ class ClipTextConfig(JsonConfig):
                 f"num_attention_heads {self.num_attention_heads}"
             )
         L.activation(self.hidden_act)
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"ClipTextConfig.attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"ClipTextConfig.remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as err:
-                raise ValueError(f"ClipTextConfig.{name} {getattr(self, name)!r} is not a dtype name") from err
+        self.check_run_settings()
 
     @property
     def head_dim(self) -> int:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScale, learned_token, square_size
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -27,7 +27,7 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config(JsonConfig):
+class Dinov2Config(ModelConfig):
     """DINOv2 hyper-parameters (names as transformers' `Dinov2Config`) plus compute settings.
 
     `image_size` fixes the stored position-embedding grid (image_size // patch_size per side);
@@ -66,10 +66,7 @@ class Dinov2Config(JsonConfig):
         if self.model_type == "dinov2" and self.num_register_tokens:
             raise ValueError("Dinov2Config: register tokens need model_type='dinov2_with_registers'")
         L.activation(self.hidden_act)
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"Dinov2Config.attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"Dinov2Config.remat={self.remat!r}; expected one of {L.REMAT_POLICIES}")
+        self.check_run_settings()
 
     @property
     def head_dim(self) -> int:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScale, learned_token, square_size
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -27,7 +27,7 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov3Config(JsonConfig):
+class Dinov3Config(ModelConfig):
     """DINOv3 ViT hyper-parameters (names as transformers' `DINOv3ViTConfig`) plus compute settings."""
 
     hidden_size: int = 768
@@ -62,10 +62,7 @@ class Dinov3Config(JsonConfig):
         if self.head_dim % 4:
             raise ValueError(f"Dinov3Config: head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         L.activation(self.hidden_act)
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"Dinov3Config.attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"Dinov3Config.remat={self.remat!r}; expected one of {L.REMAT_POLICIES}")
+        self.check_run_settings()
 
     @property
     def head_dim(self) -> int:

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 TIME_EMBED_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
-class FluxConfig(JsonConfig):
+class FluxConfig(ModelConfig):
     """Hyper-parameters of the Flux transformer: BFL's `FluxParams` plus run settings.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "float32",
@@ -78,15 +78,7 @@ class FluxConfig(JsonConfig):
             raise ValueError(f"FluxConfig: every rotary axis dimension must be positive and even, got {self.axes_dim}")
         if self.mlp_ratio <= 0 or self.mlp_hidden_dim <= 0:
             raise ValueError(f"FluxConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as err:
-                raise ValueError(f"FluxConfig.{name}: {getattr(self, name)!r} is not a dtype name") from err
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"FluxConfig.remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"FluxConfig.attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
+        self.check_run_settings()
 
     @property
     def head_dim(self) -> int:

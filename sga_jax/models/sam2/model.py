@@ -24,14 +24,14 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
-class Sam2HieraConfig(JsonConfig):
+class Sam2HieraConfig(ModelConfig):
     """Hiera trunk hyper-parameters (names as transformers' `Sam2HieraDetConfig`) plus compute settings.
 
     Defaults are SAM2 / SAM2.1 Hiera B+ (facebook/sam2.1-hiera-base-plus).
@@ -88,10 +88,7 @@ class Sam2HieraConfig(JsonConfig):
         if any(b >= sum(self.blocks_per_stage) for b in self.global_attention_blocks):
             raise ValueError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
         L.activation(self.hidden_act)
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"Sam2HieraConfig.attention={self.attention!r}; expected one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"Sam2HieraConfig.remat={self.remat!r}; expected one of {L.REMAT_POLICIES}")
+        self.check_run_settings()
 
     @property
     def stride(self) -> int:

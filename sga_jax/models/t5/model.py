@@ -27,13 +27,13 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config(JsonConfig):
+class T5Config(ModelConfig):
     """Hyper-parameters of a T5 encoder (names as transformers' `T5Config`).
 
     Attributes:
@@ -81,15 +81,7 @@ class T5Config(JsonConfig):
             )
         if self.dense_act_fn not in _ACTIVATIONS:
             raise ValueError(f"T5Config.dense_act_fn {self.dense_act_fn!r} is not one of {_ACTIVATIONS}")
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"T5Config.attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
-        if self.remat not in L.REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError as err:
-                raise ValueError(f"T5Config.{name} {getattr(self, name)!r} is not a dtype name") from err
+        self.check_run_settings()
 
     @classmethod
     def xxl(cls, **overrides: Any) -> "T5Config":

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
-from sga_jax.models.config import JsonConfig
+from sga_jax.models.config import ModelConfig
 from sga_jax.models.vae import tiling
 
 IMAGE_AXES = ("batch", None, None, None)
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoEncoderConfig(JsonConfig):
+class AutoEncoderConfig(ModelConfig):
     """Shape, numerics and tiling of the autoencoder.
 
     Fields up to `shift_factor` are BFL's `AutoEncoderParams`. `f16` switches to the 16x form.
@@ -76,15 +76,7 @@ class AutoEncoderConfig(JsonConfig):
                 problems.append(f"channel widths {bad} (ch * ch_mult) are not divisible by norm_groups={self.norm_groups}")
         if self.scale_factor == 0:
             problems.append("scale_factor must be non-zero")
-        if self.remat not in L.REMAT_POLICIES:
-            problems.append(f"remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            problems.append(f"attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                jnp.dtype(getattr(self, name))
-            except TypeError:
-                problems.append(f"{name} {getattr(self, name)!r} is not a dtype name")
+        problems.extend(self.run_setting_problems())
         factor = self.downsample_factor if self.ch_mult else 1
         if self.tile_size % factor or self.tile_overlap % factor:
             problems.append(
