@@ -285,7 +285,8 @@ class _Loop:
         host["images_per_s"] = self.images / max(host["step_time_s"], 1e-9)
         self.clock, self.last = now, host
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{host['loss']:.4g}", lr=f"{host['lr']:.3g}",
+        terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith("loss_")}  # the task's loss terms
+        self.bar.set_postfix(loss=f"{host['loss']:.4g}", **terms, lr=f"{host['lr']:.3g}",
                              step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}")
         if extra or _due(step, int(self.config.log_every), self.total):
             self.writer.write(step, {**host, **(extra or {})})

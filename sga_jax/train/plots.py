@@ -24,6 +24,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def smooth(values: Sequence[float], window: int = 8) -> np.ndarray:
+    """Trailing moving average (shorter windows at the start), to see a trend through the noise
+    that per-step random timesteps put into a diffusion loss."""
+    values = np.asarray(values, np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    counts = np.minimum(ends, window)
+    return (sums[ends] - sums[ends - counts]) / counts
+
+
 def loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """Plot each loss term of a run on its own panel (flow matching and alignment apart)."""
     metrics_path = Path(metrics_path)
@@ -40,11 +50,13 @@ def loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
 
     fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
     for ax, term in zip(axes[0], terms):
-        points = [(r["step"], r[term]) for r in rows if term in r]
-        ax.plot(*zip(*points), marker=".")
+        steps, values = zip(*[(r["step"], r[term]) for r in rows if term in r])
+        ax.plot(steps, values, marker=".", alpha=0.35, label="logged")
+        ax.plot(steps, smooth(values), label="moving average")
         ax.set_title(term)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
