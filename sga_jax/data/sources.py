@@ -27,7 +27,28 @@ from sga_jax.data.cache import ArrayCacheSource, open_cache
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jxl", ".avif")
 
 
-class MetadataJsonlSource:
+class _FolderListing:
+    """A folder's records listed up front: random access, length, an identity and a repr."""
+
+    directory: Path
+    records: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.records[index]
+
+    def identity(self) -> str:
+        """Names this listing: the folder and a hash of its record keys (for index caches)."""
+        keys = "\n".join(record["key"] for record in self.records)
+        return f"{type(self).__name__}:{self.directory.resolve()}:{hashlib.sha1(keys.encode()).hexdigest()}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.directory)!r}, records={len(self)})"
+
+
+class MetadataJsonlSource(_FolderListing):
     """Records of `directory/metadata.jsonl`: one JSON object per line with `file_name` (relative to
     the directory) and a caption under `caption_field` ("text" by default). Extra fields are kept
     under `"extra"`. Lines that are not JSON objects with both fields are listing errors."""
@@ -65,22 +86,8 @@ class MetadataJsonlSource:
             extra = {k: v for k, v in entry.items() if k not in ("file_name", caption_field)}
             self.records.append({"key": key, "caption": caption, "path": str(self.directory / key), "extra": extra})
 
-    def __len__(self) -> int:
-        return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
-
-    def identity(self) -> str:
-        """Names this listing: the folder and a hash of its record keys (for index caches)."""
-        keys = "\n".join(record["key"] for record in self.records)
-        return f"{type(self).__name__}:{self.directory.resolve()}:{hashlib.sha1(keys.encode()).hexdigest()}"
-
-    def __repr__(self) -> str:
-        return f"MetadataJsonlSource({str(self.directory)!r}, records={len(self)})"
-
-
-class CaptionsTxtSource:
+class CaptionsTxtSource(_FolderListing):
     """Images under `directory` (recursively, by extension), each captioned by the `.txt` file of
     the same name; an image without one is a listing error. Keys are paths relative to `directory`."""
 
@@ -103,20 +110,6 @@ class CaptionsTxtSource:
                 continue
             key = path.relative_to(self.directory).as_posix()
             self.records.append({"key": key, "caption": caption, "path": str(path)})
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.records[index]
-
-    def identity(self) -> str:
-        """Names this listing: the folder and a hash of its record keys (for index caches)."""
-        keys = "\n".join(record["key"] for record in self.records)
-        return f"{type(self).__name__}:{self.directory.resolve()}:{hashlib.sha1(keys.encode()).hexdigest()}"
-
-    def __repr__(self) -> str:
-        return f"CaptionsTxtSource({str(self.directory)!r}, records={len(self)})"
 
 
 class TfdsSource:

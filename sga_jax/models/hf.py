@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 
@@ -31,3 +32,13 @@ def save_pretrained(path: str | os.PathLike, hf_config: dict[str, Any], model: n
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     state = nnx.state(model, nnx.Param)
     return W.save_state(path / "model.safetensors", state, key_map, dtype=dtype, metadata={"format": "pt"})
+
+
+def load_pretrained(path: str | os.PathLike, config: Any, model_class: type, key_map: Callable[[Any], W.KeyMap], *,
+                    shardings: Any = None, **overrides: Any) -> nnx.Module:
+    """Stream a checkpoint into `model_class(config with overrides)`, built abstractly (no random
+    weights), each parameter placed into `shardings` (a State-shaped tree, optional) as it is read."""
+    config = dataclasses.replace(config, **overrides)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))))
+    state = W.load_state(W.CheckpointReader(path), key_map(config), abstract, shardings=shardings)
+    return nnx.merge(graphdef, state)

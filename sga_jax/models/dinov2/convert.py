@@ -6,12 +6,10 @@ only changes layouts (Linear (out, in) -> (in, out), Conv2d OIHW -> HWIO) and st
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.models import hf
@@ -55,10 +53,6 @@ def read_config(path: str | os.PathLike) -> Dinov2Config:
     return Dinov2Config.from_hf_config(hf.config_json(path, "Dinov2Config"))
 
 
-def abstract_model(config: Dinov2Config) -> Dinov2:
-    """The model's structure with shapes and dtypes only (no weights materialised)."""
-    return nnx.eval_shape(lambda: Dinov2(config, rngs=nnx.Rngs(0)))
-
 
 def load(path: str | os.PathLike, config: Dinov2Config | None = None, *, shardings: Any = None, **overrides: Any) -> Dinov2:
     """Load a Hugging Face DINOv2 checkpoint (save_pretrained directory, safetensors file or index).
@@ -68,10 +62,7 @@ def load(path: str | os.PathLike, config: Dinov2Config | None = None, *, shardin
     State-shaped tree of shardings to place each parameter into as it is read.
     """
     config = read_config(path) if config is None else config
-    config = dataclasses.replace(config, **overrides)
-    graphdef, abstract = nnx.split(abstract_model(config))
-    state = W.load_state(W.CheckpointReader(path), key_map(config), abstract, shardings=shardings)
-    return nnx.merge(graphdef, state)
+    return hf.load_pretrained(path, config, Dinov2, key_map, shardings=shardings, **overrides)
 
 
 def save(model: Dinov2, path: str | os.PathLike, format: str = "hf", *, dtype: Any = None) -> list[Path]:

@@ -6,12 +6,10 @@ layouts (Linear (out, in) -> (in, out), Conv2d OIHW -> HWIO) and stacks the bloc
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.models import hf
@@ -59,10 +57,6 @@ def read_config(path: str | os.PathLike) -> Dinov3Config:
     return Dinov3Config.from_hf_config(hf.config_json(path, "Dinov3Config"))
 
 
-def abstract_model(config: Dinov3Config) -> Dinov3:
-    """The model's structure with shapes and dtypes only (no weights materialised)."""
-    return nnx.eval_shape(lambda: Dinov3(config, rngs=nnx.Rngs(0)))
-
 
 def load(path: str | os.PathLike, config: Dinov3Config | None = None, *, shardings: Any = None, **overrides: Any) -> Dinov3:
     """Load a Hugging Face DINOv3 ViT checkpoint (save_pretrained directory, safetensors file or index).
@@ -72,10 +66,7 @@ def load(path: str | os.PathLike, config: Dinov3Config | None = None, *, shardin
     State-shaped tree of shardings to place each parameter into as it is read.
     """
     config = read_config(path) if config is None else config
-    config = dataclasses.replace(config, **overrides)
-    graphdef, abstract = nnx.split(abstract_model(config))
-    state = W.load_state(W.CheckpointReader(path), key_map(config), abstract, shardings=shardings)
-    return nnx.merge(graphdef, state)
+    return hf.load_pretrained(path, config, Dinov3, key_map, shardings=shardings, **overrides)
 
 
 def to_hf_config(config: Dinov3Config) -> dict[str, Any]:
