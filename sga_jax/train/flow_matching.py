@@ -3,7 +3,7 @@
 Paths and targets (paper Eq. 1-2, Flux convention): `x_t = (1 - t) x_0 + t eps`, the network
 predicts the velocity `v = eps - x_0`, and `x_0 = x_t - t v`. Two objectives:
 
-* `velocity_mse`: plain flow matching, E ||v_theta - v||^2.
+* `velocity_mse`: plain flow matching, E ||v_theta - v||^2, per example.
 * `wavelet_loss` (WLF, Diffusion-4K): one-level orthonormal Haar DWT of the predicted and true
   clean latents, squared error per sub-band (LL, LH, HL, HH) with its own weight, normalised by
   the latent size. The transform is orthonormal, so with weights (1, 1, 1, 1) it equals the x_0 MSE
@@ -46,9 +46,9 @@ def predicted_x0(x_t: jax.Array, velocity: jax.Array, t: jax.Array) -> jax.Array
 
 
 def velocity_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean squared error in float32."""
+    """Per-example mean squared error in float32: (B,)."""
     diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
-    return jnp.mean(diff * diff)
+    return jnp.mean(diff * diff, axis=tuple(range(1, diff.ndim)))
 
 
 def haar_dwt(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -67,10 +67,11 @@ def haar_dwt(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 
 
 def wavelet_loss(prediction: jax.Array, target: jax.Array, weights: Sequence[float]) -> jax.Array:
-    """WLF: sum over Haar sub-bands of weight * squared error, divided by the latent's size."""
+    """Per-example WLF, (B,): sum over Haar sub-bands of weight * squared error, divided by the
+    size of one example's latent (so equal weights give `velocity_mse` of x_0)."""
     if len(weights) != 4:
         raise ValueError(f"wavelet weights must give the 4 sub-bands {SUBBANDS}, got {tuple(weights)}")
     diff = prediction.astype(jnp.float32) - target.astype(jnp.float32)
     bands = haar_dwt(diff)
-    total = sum(w * jnp.sum(band * band) for w, band in zip(weights, bands))
-    return total / diff.size
+    total = sum(w * jnp.sum(band * band, axis=(1, 2, 3)) for w, band in zip(weights, bands))
+    return total / (diff.size // diff.shape[0])

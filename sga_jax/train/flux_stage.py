@@ -42,6 +42,7 @@ from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
 from sga_jax.models.vae.convert import open_checkpoint as open_vae_checkpoint
 from sga_jax.text import encode_tokens, load_tokenizer, tokenize
 from sga_jax.train import flow_matching as fm
+from sga_jax.train import plots
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +256,9 @@ class FluxSGATask:
         weights = _example_weights(batch, b)
         if config.objective.kind == "wlf":
             x0_pred = sample.unpack(fm.predicted_x0(x_t, velocity, t), h, w)
-            wlf = jax.vmap(lambda p, q: fm.wavelet_loss(p[None], q[None], config.objective.wlf_weights))
-            main = jnp.sum(weights * wlf(x0_pred, latents))
+            main = jnp.sum(weights * fm.wavelet_loss(x0_pred, latents, config.objective.wlf_weights))
         else:
-            main = jnp.sum(weights * jnp.mean(jnp.square(velocity - target), axis=(1, 2)))
+            main = jnp.sum(weights * fm.velocity_mse(velocity, target))
         metrics = {"loss_fm": main, "t_mean": jnp.mean(t)}
         if method == "none":
             return main, metrics
@@ -296,8 +296,6 @@ class FluxSGATask:
     def sample(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
         """Sample `config.sample.prompts` with the Euler sampler, decode with the VAE, save a grid
         (`samples/step_NNNNNN.png`) and redraw the loss curves (`loss_curve.png`)."""
-        from sga_jax.train import plots
-
         workdir = Path(workdir)
         plots.loss_curves(workdir / "metrics.jsonl", workdir / "loss_curve.png")
         s = self.config.sample
