@@ -1,5 +1,5 @@
-"""Pieces shared by the plain ViT families (DINOv2, DINOv3): learned tokens, LayerScale and the
-square sizes of their config.json files."""
+"""Pieces shared by the plain ViT families (DINOv2, DINOv3): learned tokens, LayerScale, the
+pre-norm LayerScale block and the square sizes of their config.json files."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sga_jax.models import layers as L
 
 
 def square_size(hf: dict[str, Any], name: str, default: int) -> int:
@@ -34,3 +36,24 @@ class LayerScale(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x * self.lambda1[...].astype(x.dtype)
+
+
+class LayerScaleBlock(nnx.Module):
+    """Pre-norm transformer block with LayerScale on both residual branches (hub names `norm1`,
+    `attention`, `layer_scale1`, `norm2`, `mlp`, `layer_scale2`); the family supplies its attention
+    and MLP modules. Extra call arguments go to the attention (e.g. DINOv3's RoPE tables)."""
+
+    def __init__(self, config: Any, attention: nnx.Module, mlp: nnx.Module, *, rngs: nnx.Rngs):
+        pdt = L.dtype_of(config.param_dtype)
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype), param_dtype=pdt)
+        self.norm1 = L.layer_norm(config.hidden_size, **kw)
+        self.attention = attention
+        self.layer_scale1 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
+        self.norm2 = L.layer_norm(config.hidden_size, **kw)
+        self.mlp = mlp
+        self.layer_scale2 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
+
+    def __call__(self, x: jax.Array, *attention_args: Any) -> jax.Array:
+        x = x + self.layer_scale1(self.attention(self.norm1(x), *attention_args))
+        x = x + self.layer_scale2(self.mlp(self.norm2(x)))
+        return L.constrain(x, ("batch", "length", "embed"))

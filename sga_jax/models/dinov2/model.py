@@ -19,7 +19,7 @@ from flax import nnx
 
 from sga_jax.models import layers as L
 from sga_jax.models.config import ModelConfig
-from sga_jax.models.vit import LayerScale, learned_token, square_size
+from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
 
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -237,31 +237,12 @@ class Mlp(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Layer(nnx.Module):
-    """Pre-norm transformer block with LayerScale on both residual branches."""
-
-    def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        pdt = L.dtype_of(config.param_dtype)
-        self.norm1 = L.layer_norm(config.hidden_size, **kw)
-        self.attention = Attention(config, rngs=rngs)
-        self.layer_scale1 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
-        self.norm2 = L.layer_norm(config.hidden_size, **kw)
-        self.mlp = Mlp(config, rngs=rngs)
-        self.layer_scale2 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.layer_scale1(self.attention(self.norm1(x)))
-        x = x + self.layer_scale2(self.mlp(self.norm2(x)))
-        return L.constrain(x, ("batch", "length", "embed"))
-
-
 class Encoder(nnx.Module):
     """The stacked blocks (hub: `encoder.layer.N`), run with one `lax.scan`."""
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
         self.remat = config.remat
-        self.layer = L.stack_layers(lambda r: Layer(config, rngs=r), config.num_hidden_layers, rngs)
+        self.layer = L.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return L.scan_layers(self.layer, x, lambda layer, h, _: layer(h), remat_policy=self.remat)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from sga_jax.models import layers as L
 from sga_jax.models.config import ModelConfig
-from sga_jax.models.vit import LayerScale, learned_token, square_size
+from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -190,25 +190,6 @@ class Mlp(nnx.Module):
         return self.down_proj(hidden)
 
 
-class Layer(nnx.Module):
-    """Pre-norm block with LayerScale on both residual branches."""
-
-    def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        pdt = L.dtype_of(config.param_dtype)
-        self.norm1 = L.layer_norm(config.hidden_size, **kw)
-        self.attention = Attention(config, rngs=rngs)
-        self.layer_scale1 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
-        self.norm2 = L.layer_norm(config.hidden_size, **kw)
-        self.mlp = Mlp(config, rngs=rngs)
-        self.layer_scale2 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
-
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x = x + self.layer_scale1(self.attention(self.norm1(x), rope))
-        x = x + self.layer_scale2(self.mlp(self.norm2(x)))
-        return L.constrain(x, ("batch", "length", "embed"))
-
-
 class Dinov3(nnx.Module):
     """DINOv3 ViT: normalised pixels (B, H, W, 3), H and W multiples of the patch size ->
     transformers' `last_hidden_state` (B, 1 + registers + H/p * W/p, C), final LayerNorm applied."""
@@ -216,7 +197,7 @@ class Dinov3(nnx.Module):
     def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layer = L.stack_layers(lambda r: Layer(config, rngs=r), config.num_hidden_layers, rngs)
+        self.layer = L.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
         self.norm = L.layer_norm(
             config.hidden_size, rngs=rngs, eps=config.layer_norm_eps,
             dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype),
