@@ -41,8 +41,9 @@ CONFIG = dict(
     guidance_embeds=True,
     axes_dims_rope=(8, 28, 28),
 )
-REMATS = ("none", "dots_no_batch")
+VARIANTS = (("xla", "none"), ("chunked", "none"), ("chunked", "dots_no_batch"))  # (attention, remat)
 BATCH, LATENT_H, LATENT_W, TXT_LEN = 2, 64, 64, 128  # 32 x 32 = 1024 image tokens
+FLUX_4K = dict(batch=1, tokens=512 + 128 * 128, heads=24, head_dim=128)  # 4096 px through the F16 VAE
 
 
 def make_inputs(seed: int = 0) -> dict[str, np.ndarray]:
@@ -81,10 +82,26 @@ def jax_step(graphdef: nnx.GraphDef, params: nnx.State, x: dict[str, jax.Array])
     return jax.value_and_grad(loss)(params)
 
 
-@jax.jit
-def attention_grad(q: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=1)
+def attention_grad(q: jax.Array, implementation: str) -> jax.Array:
     """Gradient of sum(attention(q, q, q)^2): one attention's forward + backward."""
-    return jax.grad(lambda q: jnp.sum(L.attention(q, q, q) ** 2))(q)
+    return jax.grad(lambda q: jnp.sum(L.attention(q, q, q, implementation=implementation) ** 2))(q)
+
+
+def temp_mib(compiled: jax.stages.Compiled) -> float:
+    """XLA's temporary buffer size for a compiled function, in MiB."""
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def attention_memory_at_4k() -> list[dict]:
+    """Compile (not run) one bf16 attention forward + backward at Flux.1's 4K shapes; XLA's temp size."""
+    shape = (FLUX_4K["batch"], FLUX_4K["tokens"], FLUX_4K["heads"], FLUX_4K["head_dim"])
+    q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    return [
+        {"attention, 4096 px, bf16": implementation,
+         "fwd+bwd temp GiB": temp_mib(attention_grad.lower(q, implementation).compile()) / 1024}
+        for implementation in ("xla", "chunked")
+    ]
 
 
 def main() -> None:
@@ -101,11 +118,15 @@ def main() -> None:
     variants = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp, safe_serialization=True)
-        for remat in REMATS:
-            graphdef, params = nnx.split(flux.load(tmp, remat=remat))
+        for attention, remat in VARIANTS:
+            graphdef, params = nnx.split(flux.load(tmp, attention=attention, remat=remat))
             start = time.perf_counter()
-            loss, _ = jax.block_until_ready(jax_step(graphdef, params, x_jax))
-            variants[remat] = dict(graphdef=graphdef, params=params, loss=float(loss), compile_s=time.perf_counter() - start)
+            compiled = jax_step.lower(graphdef, params, x_jax).compile()
+            loss, _ = jax.block_until_ready(compiled(params, x_jax))
+            variants[f"attention={attention}, remat={remat}"] = dict(
+                graphdef=graphdef, params=params, loss=float(loss), compile_s=time.perf_counter() - start,
+                temp_mib=temp_mib(compiled),
+            )
     torch_loss = torch_step(reference, x_torch)
 
     heads, head_dim = CONFIG["num_attention_heads"], CONFIG["attention_head_dim"]
@@ -117,17 +138,17 @@ def main() -> None:
     def torch_attention() -> None:
         (torch.nn.functional.scaled_dot_product_attention(q_torch, q_torch, q_torch) ** 2).sum().backward()
 
-    runs = {
-        "torch": lambda: torch_step(reference, x_torch),
-        "torch attention": torch_attention,
-        "jax attention": lambda: jax.block_until_ready(attention_grad(q_jax)),
-    }
-    for remat, v in variants.items():
-        runs[remat] = functools.partial(
+    runs = {"torch": lambda: torch_step(reference, x_torch), "torch attention": torch_attention}
+    for implementation in ("xla", "chunked"):
+        runs[f"jax attention {implementation}"] = functools.partial(
+            lambda i: jax.block_until_ready(attention_grad(q_jax, i)), implementation
+        )
+    for name, v in variants.items():
+        runs[name] = functools.partial(
             lambda v: jax.block_until_ready(jax_step(v["graphdef"], v["params"], x_jax)), v
         )
-    torch_attention()  # warm-up (and compile) before the timed rounds
-    runs["jax attention"]()
+    for name in ("torch attention", "jax attention xla", "jax attention chunked"):
+        runs[name]()  # warm-up (and compile) before the timed rounds
     times = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved rounds: drifting load from other jobs hits all alike
         for name, fn in runs.items():
@@ -136,21 +157,24 @@ def main() -> None:
 
     rows = [
         {
-            "implementation": f"sga-jax, jit(value_and_grad), remat={remat}",
-            "median s": medians[remat],
-            "vs PyTorch": medians[remat] / medians["torch"],
+            "implementation": f"sga-jax, jit(value_and_grad), {name}",
+            "median s": medians[name],
+            "vs PyTorch": medians[name] / medians["torch"],
             "compile s": v["compile_s"],
+            "XLA temp MiB": v["temp_mib"],
         }
-        for remat, v in variants.items()
+        for name, v in variants.items()
     ]
     rows.append({"implementation": "diffusers FluxTransformer2DModel (eager)", "median s": medians["torch"],
-                 "vs PyTorch": 1.0, "compile s": 0.0})
+                 "vs PyTorch": 1.0, "compile s": 0.0, "XLA temp MiB": "-"})
     attention_rows = [
-        {"one attention, fwd+bwd": "sga-jax layers.attention (xla)", "median s": medians["jax attention"],
-         "vs PyTorch": medians["jax attention"] / medians["torch attention"]},
-        {"one attention, fwd+bwd": "torch scaled_dot_product_attention", "median s": medians["torch attention"],
-         "vs PyTorch": 1.0},
+        {"one attention, fwd+bwd": f"sga-jax layers.attention ({i})", "median s": medians[f"jax attention {i}"],
+         "vs PyTorch": medians[f"jax attention {i}"] / medians["torch attention"]}
+        for i in ("xla", "chunked")
     ]
+    attention_rows.append({"one attention, fwd+bwd": "torch scaled_dot_product_attention",
+                           "median s": medians["torch attention"], "vs PyTorch": 1.0})
+    memory_rows = attention_memory_at_4k()
     n_params = flux.param_count(flux.FluxConfig.from_diffusers_config(CONFIG))
     losses = ", ".join(f"{v['loss']:.6f}" for v in variants.values())
     body = (
@@ -159,25 +183,32 @@ def main() -> None:
         f"blocks, batch {BATCH}, {(LATENT_H // 2) * (LATENT_W // 2)} image + {TXT_LEN} text tokens, guidance "
         f"embedding on. Same weights on both sides (losses: JAX {losses}; PyTorch {torch_loss:.6f}). Median of "
         f"{args.repeats} interleaved rounds after a warm-up; torch uses {torch.get_num_threads()} threads. "
-        "`remat` is the config's rematerialisation policy (`dots_no_batch` keeps the linear layers' outputs and "
-        "recomputes the rest, attention included). The 2-core CPU is shared with other agents' jobs, so absolute "
-        "times are noisy and ratios move with the load (an exploratory run under a load average of ~12 gave "
-        "1.09x); ratios here come from the same rounds.\n\n"
+        "`attention` is the config's implementation (`xla` materialises the (B, H, L, L) probabilities and keeps "
+        "them for the backward pass; `chunked`, Flux's default, runs 128 queries at a time and recomputes them "
+        "from the saved log-sum-exp); `remat` the rematerialisation policy (`dots_no_batch` keeps the linear "
+        "layers' outputs and recomputes the rest). `XLA temp MiB` is the compiled step's temporary buffers. The "
+        "2-core CPU is shared with other agents' jobs, so absolute times are noisy; ratios come from the same "
+        "rounds.\n\n"
         + markdown_table(rows)
-        + "\n\nWhere the time goes: one attention call of the same shapes "
-        f"({BATCH} x {length} tokens x {heads} heads x {head_dim}), forward + backward. XLA:CPU materialises "
-        "the (B, H, L, L) logits and runs batched matmuls plus a softmax over them; PyTorch's CPU SDPA is a "
-        "fused kernel. The model has one attention per block, so this accounts for most of the gap; on a GPU "
-        "the config's `attention=\"cudnn\"` uses cuDNN's fused kernel instead.\n\n"
+        + "\n\nOne attention call of the same shapes "
+        f"({BATCH} x {length} tokens x {heads} heads x {head_dim}), forward + backward. PyTorch's CPU SDPA is a "
+        "fused flash kernel; ours are XLA programs. On a GPU the config's `attention=\"cudnn\"` uses cuDNN's "
+        "fused kernel instead.\n\n"
         + markdown_table(attention_rows)
+        + "\n\nWhy `chunked` is Flux's default: one bf16 attention forward + backward at Flux.1's 4096 px "
+        f"shapes with the F16 VAE ({FLUX_4K['batch']} x {FLUX_4K['tokens']} tokens x {FLUX_4K['heads']} heads x "
+        f"{FLUX_4K['head_dim']}), compiled but not run; XLA's temporary buffers for one layer.\n\n"
+        + markdown_table(memory_rows)
     )
     write_section(
         "flux", "Flux transformer forward + backward: JAX vs PyTorch (CPU)", body,
         {"config": CONFIG, "batch": BATCH, "times_s": times, "medians_s": medians,
-         "jax_losses": {k: v["loss"] for k, v in variants.items()}, "torch_loss": torch_loss},
+         "jax_losses": {k: v["loss"] for k, v in variants.items()}, "torch_loss": torch_loss,
+         "temp_mib": {k: v["temp_mib"] for k, v in variants.items()}, "attention_4k": memory_rows},
     )
     print(markdown_table(rows))
     print(markdown_table(attention_rows))
+    print(markdown_table(memory_rows))
 
 
 if __name__ == "__main__":

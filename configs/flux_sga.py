@@ -68,7 +68,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.guidance = 3.5  # constant guidance-embedding input while training (Flux.1-dev)
 
     config.model = ml_collections.ConfigDict({
-        "attention": "xla",  # "cudnn" on NVIDIA GPUs
+        "attention": "chunked",  # memory linear in the token count; "cudnn" on NVIDIA GPUs
         "frozen_dtype": "bfloat16",
         "flux": {"weights": "", "preset": "dev", "overrides": {}, "remat": "full"},
         "vae": {"weights": "", "preset": "flux_f16", "overrides": {}, "f16": True},  # F8 weights run as F16 too

@@ -136,11 +136,13 @@ def test_streaming_convert_between_formats(dev, tmp_path):
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_remat_and_bf16_settings_still_match(dev):
+def test_remat_attention_and_bf16_settings_still_match(dev):
     x = dev["x"]
     args = ours_args(x, dev["guidance"])
     remat = flux.load(dev["dir"], remat="dots")
     assert_close_relative(forward(remat, args), dev["out"], 1e-4, "flux output with remat=dots")
+    unchunked = flux.load(dev["dir"], attention="xla")
+    assert_close_relative(forward(unchunked, args), dev["out"], 1e-4, "flux output with attention=xla")
     half = flux.load(dev["dir"], dtype="bfloat16", param_dtype="bfloat16")
     assert half.img_in.kernel[...].dtype == np.dtype("bfloat16")
     out = forward(half, args)

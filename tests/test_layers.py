@@ -1,5 +1,6 @@
 """Shared layers against PyTorch: the attention entry point and rotary embeddings."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +38,46 @@ def test_attention_matches_torch_sdpa(case):
         kwargs["is_causal"] = theirs["is_causal"] = True
     ours = np.asarray(L.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), **kwargs))
     np.testing.assert_allclose(ours, _torch_sdpa(q, k, v, **theirs), rtol=1e-5, atol=1e-5)
+
+
+def _torch_sdpa_with_grads(q, k, v, weights, scale=None):
+    t = [torch.from_numpy(x).transpose(1, 2).requires_grad_(True) for x in (q, k, v)]
+    out = F.scaled_dot_product_attention(*t, scale=scale).transpose(1, 2)
+    (out * torch.from_numpy(weights)).sum().backward()
+    return out.detach().numpy(), [x.grad.transpose(1, 2).numpy() for x in t]
+
+
+@pytest.mark.parametrize(("lq", "lk", "block", "scale"), [(10, 7, 4, None), (8, 13, 8, 0.5), (5, 5, 128, None)])
+def test_chunked_attention_values_and_gradients_match_torch(lq, lk, block, scale):
+    q, k, v = _qkv(lq=lq, lk=lk)
+    weights = np.random.default_rng(3).normal(size=q.shape).astype(np.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(L._chunked_attention(q, k, v, scale=scale, query_block=block) * weights)
+
+    out = L._chunked_attention(*(jnp.asarray(x) for x in (q, k, v)), scale=scale, query_block=block)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x) for x in (q, k, v)))
+    expected_out, expected_grads = _torch_sdpa_with_grads(q, k, v, weights, scale)
+    np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-5)
+    for name, ours, theirs in zip("qkv", grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_chunked_attention_in_bfloat16_follows_float32():
+    q, k, v = (jnp.asarray(x) for x in _qkv(lq=40, lk=40))
+    exact = L.attention(q, k, v, implementation="chunked")
+    half = L.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), implementation="chunked")
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact), atol=3e-2)
+
+
+@pytest.mark.parametrize("argument", ["bias", "mask", "is_causal"])
+def test_chunked_attention_refuses_bias_and_masks(argument):
+    q, k, v = (jnp.asarray(x) for x in _qkv())
+    shape = (1, 1, q.shape[1], k.shape[1])
+    value = {"bias": jnp.zeros(shape), "mask": jnp.ones(shape, bool), "is_causal": True}[argument]
+    with pytest.raises(ValueError, match='"chunked" takes no bias, mask or is_causal'):
+        L.attention(q, k, v, implementation="chunked", **{argument: value})
 
 
 def test_unknown_attention_implementation_is_refused():

@@ -21,3 +21,9 @@ def test_model_configs_round_trip_through_json_and_check_run_settings():
         for field, value in (("remat", "sometimes"), ("attention", "flash"), ("dtype", "float13")):
             with pytest.raises(ValueError, match=f"{cls.__name__}.*{field} '{value}'"):
                 dataclasses.replace(config, **{field: value})
+
+
+@pytest.mark.parametrize("config", [t5.T5Config.xxl(), clip.ClipTextConfig.vit_l_14()])
+def test_text_encoders_refuse_chunked_attention_which_takes_no_mask(config):
+    with pytest.raises(ValueError, match=f"{type(config).__name__}.*attention 'chunked'"):
+        dataclasses.replace(config, attention="chunked")

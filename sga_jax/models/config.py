@@ -20,8 +20,10 @@ class ModelConfig:
     checkpoints; `from_dict()` inverts it (lists back to tuples, so configs stay hashable and
     usable as static arguments) and names any unknown field. `run_setting_problems()` checks the
     fields every family has: compute / parameter dtype names, attention implementation and remat
-    policy.
+    policy. Families whose attention needs a bias or mask narrow `attention_implementations`.
     """
+
+    attention_implementations: tuple[str, ...] = L.ATTENTION_IMPLEMENTATIONS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `from_dict` inverts it."""
@@ -39,8 +41,8 @@ class ModelConfig:
     def run_setting_problems(self) -> list[str]:
         """What is wrong with dtype / param_dtype / attention / remat, as messages (empty: fine)."""
         problems = []
-        if self.attention not in L.ATTENTION_IMPLEMENTATIONS:
-            problems.append(f"attention {self.attention!r} is not one of {L.ATTENTION_IMPLEMENTATIONS}")
+        if self.attention not in self.attention_implementations:
+            problems.append(f"attention {self.attention!r} is not one of {self.attention_implementations}")
         if self.remat not in L.REMAT_POLICIES:
             problems.append(f"remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):

@@ -124,7 +124,7 @@ class FluxSGATask:
         compute = config.precision.compute_dtype
         flux_config = dataclasses.replace(_config_from(m.flux, flux.FluxConfig, "flux"), dtype=compute,
                                           param_dtype="float32", remat=m.flux.get("remat", "none"),
-                                          attention=m.get("attention", "xla"))
+                                          attention=m.get("attention", "chunked"))
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(_config_from(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)

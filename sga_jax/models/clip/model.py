@@ -44,6 +44,7 @@ class ClipTextConfig(ModelConfig):
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
+    attention_implementations = ("xla", "cudnn")  # "chunked" takes no causal and padding masks
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
