@@ -1,21 +1,38 @@
-"""Flux sampling: latent packing, position ids, the shifted time schedule, seedable noise and a
-jitted Euler loop (one `lax.scan` over the steps). Returns latents; decoding to pixels belongs to
-the VAE and is added beside these pieces.
-
-Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed tokens are
+"""Flux sampling: latent packing, position ids, the shifted time schedule, seedable noise, a
+jitted Euler loop (one `lax.scan` over the steps) and decoding with the VAE (tiled for large
+images). Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed tokens are
 (B, h/2 * w/2, 4C) with features in BFL's (c, dy, dx) order, so the same weights work.
+
+The command line turns prompts into PNG files with a Flux.1 folder (BFL single files or the
+diffusers layout, text encoders and tokenizers beside them); `--transformer` swaps in fine-tuned
+weights (`python -m sga_jax.train.export`, or a `python -m sga_jax.convert` directory):
+
+    python -m sga_jax.sample --root FLUX.1-dev --prompt "a red fox in fresh snow" --out samples/
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import math
-from typing import Any, Callable
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
+
+from sga_jax import convert
+from sga_jax.data.transforms import to_pixels
+from sga_jax.encode import default_text_config, text_encoder_from_config
+from sga_jax.models import vae
+from sga_jax.text import TextEncoder
 
 VelocityFn = Callable[..., jax.Array]
 
@@ -189,3 +206,139 @@ def sample_latents(
         jnp.float32(guidance) if config.guidance_embed else None,
     )
     return unpack(x, h, w)
+
+
+@nnx.jit
+def decode_images(ae: vae.AutoEncoder, latents: jax.Array) -> jax.Array:
+    """Scaled latents (B, h, w, C) -> images (B, H, W, 3) in [-1, 1], tiled above the VAE's threshold."""
+    return jnp.clip(ae.decode(latents), -1.0, 1.0)
+
+
+BFL_FILES = {"flux": ("flux1-dev.safetensors", "flux1-schnell.safetensors"), "vae": ("ae.safetensors",)}
+DIFFUSERS_FOLDERS = {"flux": "transformer", "vae": "vae"}
+
+
+def flux_folder_weights(root: str | Path, kind: str) -> Path:
+    """The transformer (`kind="flux"`) or VAE (`"vae"`) of a Flux.1 folder: BFL's single file when
+    present, else the diffusers subfolder."""
+    root = Path(root)
+    for name in BFL_FILES[kind]:
+        if (root / name).is_file():
+            return root / name
+    folder = root / DIFFUSERS_FOLDERS[kind]
+    if folder.is_dir():
+        return folder
+    raise FileNotFoundError(
+        f"{root}: no {kind} weights; expected one of {list(BFL_FILES[kind])} or a {folder.name}/ folder"
+    )
+
+
+def load_flux_folder(
+    root: str | Path,
+    *,
+    transformer: str | Path | None = None,
+    vae_weights: str | Path | None = None,
+    vae_f16: bool = False,
+    dtype: str = "bfloat16",
+    attention: str = "chunked",
+) -> tuple[nnx.Module, vae.AutoEncoder, TextEncoder]:
+    """(Flux transformer, VAE, text encoder) of a Flux.1 folder; `transformer` / `vae_weights`
+    replace the folder's own (any format `sga_jax.convert.load_model` reads); `vae_f16` runs F8 VAE
+    weights in the paper's F16 form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512
+    tokens for guidance-distilled (dev) models and 256 otherwise (schnell), as BFL."""
+    model = convert.load_model("flux", transformer or flux_folder_weights(root, "flux"),
+                               dtype=dtype, param_dtype=dtype, attention=attention)
+    vae_overrides = {"f16": True} if vae_f16 else {}
+    ae = convert.load_model("vae", vae_weights or flux_folder_weights(root, "vae"), dtype=dtype, param_dtype=dtype,
+                            **vae_overrides)
+    text_config = default_text_config()
+    text_config.root = str(root)
+    text_config.dtype = dtype
+    text_config.t5_length = 512 if model.config.guidance_embed else 256
+    return model, ae, text_encoder_from_config(text_config)
+
+
+def generate(
+    model: nnx.Module,
+    ae: vae.AutoEncoder,
+    text_encoder: TextEncoder,
+    prompts: Sequence[str],
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float = 3.5,
+    seed: int = 0,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """Prompts -> images (N, H, W, 3) in [-1, 1]. Image i starts from noise drawn with
+    `fold_in(key(seed), i)`, so it does not depend on the batch size."""
+    key = jax.random.key(seed)
+    factor = ae.config.downsample_factor
+    channels = model.config.in_channels // 4
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        txt, txt_ids, vec = text_encoder(batch)
+        latents = jnp.concatenate(
+            [noise(jax.random.fold_in(key, start + i), 1, height, width, channels, factor) for i in range(len(batch))]
+        )
+        latents = sample_latents(model, txt, vec, height=height, width=width, steps=steps, guidance=guidance,
+                                 latents=latents, txt_ids=txt_ids, vae_factor=factor)
+        images.append(np.asarray(decode_images(ae, latents))[:, :height, :width])
+    return np.concatenate(images)
+
+
+def image_filename(index: int, prompt: str) -> str:
+    """`007-a-red-fox-in-fresh.png`: the prompt's index and its first words."""
+    words = re.findall(r"[a-z0-9]+", prompt.lower())[:5]
+    return f"{index:03d}-{'-'.join(words) or 'prompt'}.png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m sga_jax.sample", description="Prompts -> PNG files with Flux.")
+    parser.add_argument("--root", required=True, help="a Flux.1 folder (transformer, VAE, text encoders, tokenizers)")
+    parser.add_argument("--transformer", help="Flux weights replacing the folder's (e.g. a fine-tuned export)")
+    parser.add_argument("--vae", help="VAE weights replacing the folder's")
+    parser.add_argument("--vae_f16", action="store_true",
+                        help="run F8 VAE weights in the F16 form (for models fine-tuned with config.model.vae.f16)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--prompts_file", help="a text file with one prompt per line")
+    parser.add_argument("--out", required=True, help="directory for the PNG files and index.jsonl")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--steps", type=int, help="Euler steps (default: 28 for dev, 4 for schnell)")
+    parser.add_argument("--guidance", type=float, default=3.5, help="guidance embedding (dev models only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype of every network")
+    parser.add_argument("--attention", default="chunked", help="Flux attention: xla | chunked | cudnn")
+    args = parser.parse_args(argv)
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        parser.error("give at least one --prompt or a --prompts_file")
+    start = time.perf_counter()
+    model, ae, text_encoder = load_flux_folder(args.root, transformer=args.transformer, vae_weights=args.vae,
+                                               vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention)
+    steps = args.steps or (28 if model.config.guidance_embed else 4)
+    images = generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
+                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        name = image_filename(i, prompt)
+        Image.fromarray(to_pixels(image)).save(out / name)
+        records.append({"file": name, "prompt": prompt, "seed": args.seed, "index": i, "height": args.height,
+                        "width": args.width, "steps": steps, "guidance": args.guidance})
+    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"wrote {len(records)} images to {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

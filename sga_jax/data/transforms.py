@@ -135,3 +135,9 @@ def load_image(source: bytes | str | os.PathLike, bucket: Bucket, *, max_pixels:
     given); BadRecord on failure."""
     with open_image(source, max_pixels) as image:
         return resize_to_bucket(to_rgb(image), bucket, offset, flip, out)
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """Images in the model's [-1, 1] range -> uint8 pixels, rounded and clipped (the inverse of the
+    scaling `load_image` applies)."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

@@ -309,7 +309,7 @@ class FluxSGATask:
         factor = self.networks.vae.downsample_factor
         latents = sample.sample_latents(trainable.flux, txt, vec, height=s.height, width=s.width, steps=s.steps,
                                         guidance=s.guidance, key=rng, vae_factor=factor)
-        images = _decode(frozen.vae, latents)
+        images = sample.decode_images(frozen.vae, latents)
         plots.save_grid(np.asarray(images), workdir / "samples" / f"step_{step:06d}.png", captions=list(s.prompts))
         return None
 
@@ -348,11 +348,6 @@ def _example_weights(batch: dict, size: int) -> jax.Array:
 @nnx.jit(static_argnums=3)
 def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     return encode_tokens(t5_model, clip_model, tokens, mask_t5=mask_t5)
-
-
-@nnx.jit
-def _decode(ae: vae.AutoEncoder, latents: jax.Array) -> jax.Array:
-    return jnp.clip(ae.decode(latents), -1.0, 1.0)
 
 
 class StageBatches:

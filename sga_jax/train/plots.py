@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from sga_jax.data.transforms import to_pixels
+
 TERMS = ("loss", "loss_fm", "loss_sga", "loss_irepa", "loss_repa")
 
 
@@ -72,7 +74,7 @@ def save_grid(images: np.ndarray, path: str | Path, *, captions: Sequence[str] =
     columns = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / columns)
     canvas = np.zeros((rows * h, columns * w, 3), np.uint8)
-    pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    pixels = to_pixels(images)
     for i in range(b):
         r, c = divmod(i, columns)
         canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]

@@ -1,0 +1,73 @@
+"""`python -m sga_jax.sample`: prompts -> PNG files from a Flux.1 folder of tiny random networks
+(BFL single-file VAE, diffusers-layout transformer, transformers-layout text encoders)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from sga_jax import sample
+from sga_jax.demo import CAPTIONS
+from sga_jax.models import flux, vae
+from sga_jax.text import build_demo_text_folder
+
+PROMPTS = ["a rocket on its launch pad", "a cup of coffee on a wooden table", "a ginger tabby cat"]
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("FLUX.1-tiny")
+    build_demo_text_folder(root, CAPTIONS.values())
+    config = dataclasses.replace(flux.FluxConfig.dev(), hidden_size=64, num_heads=2, axes_dim=(8, 12, 12), depth=1,
+                                 depth_single_blocks=1, context_in_dim=32, vec_in_dim=32)
+    flux.save(flux.Flux(config, rngs=nnx.Rngs(0)), root / "transformer", format="diffusers")
+    ae_config = dataclasses.replace(vae.AutoEncoderConfig.flux(), ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    vae.save(vae.AutoEncoder(ae_config, rngs=nnx.Rngs(1)), root / "ae.safetensors", format="bfl")
+    return root
+
+
+def test_cli_writes_one_png_per_prompt_independent_of_batch_size(flux_folder, tmp_path):
+    args = ["--root", str(flux_folder), "--height", "48", "--width", "80", "--steps", "2", "--dtype", "float32",
+            "--seed", "7"]
+    assert sample.main(args + ["--out", str(tmp_path / "one"), "--batch_size", "1"]
+                       + [a for p in PROMPTS for a in ("--prompt", p)]) == 0
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n\n")
+    assert sample.main(args + ["--out", str(tmp_path / "two"), "--batch_size", "2", "--prompts_file", str(prompts_file)]) == 0
+
+    records = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert records[0]["file"] == "000-a-rocket-on-its-launch.png" and records[0]["steps"] == 2
+    for record in records:
+        one = np.asarray(Image.open(tmp_path / "one" / record["file"]))
+        two = np.asarray(Image.open(tmp_path / "two" / record["file"]))
+        assert one.shape == (48, 80, 3) and one.dtype == np.uint8
+        np.testing.assert_allclose(one.astype(int), two.astype(int), atol=1)
+        assert one.std() > 0
+    first, second = (np.asarray(Image.open(tmp_path / "one" / r["file"]), float) for r in records[:2])
+    assert np.abs(first - second).mean() > 1.0, "different prompts and noise should give different images"
+
+
+def test_generate_equals_the_sampler_and_decoder_composed(flux_folder):
+    model, ae, text_encoder = sample.load_flux_folder(flux_folder, dtype="float32", vae_f16=True)
+    assert text_encoder.t5_length == 512  # a guidance-distilled (dev) model
+    assert ae.config.downsample_factor == 16
+    images = sample.generate(model, ae, text_encoder, PROMPTS[:1], height=64, width=64, steps=3, seed=3)
+    assert images.shape == (1, 64, 64, 3)
+    txt, txt_ids, vec = text_encoder(PROMPTS[:1])
+    factor = ae.config.downsample_factor
+    latents = sample.noise(jax.random.fold_in(jax.random.key(3), 0), 1, 64, 64, 16, factor)
+    expected = sample.decode_images(ae, sample.sample_latents(model, txt, vec, height=64, width=64, steps=3,
+                                                              latents=latents, txt_ids=txt_ids, vae_factor=factor))
+    np.testing.assert_allclose(images, np.asarray(expected), atol=1e-5)
+
+
+def test_missing_weights_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no vae weights; expected one of \['ae.safetensors'\] or a vae/"):
+        sample.flux_folder_weights(tmp_path, "vae")
+    with pytest.raises(SystemExit):
+        sample.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")])
