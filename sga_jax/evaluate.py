@@ -1,0 +1,147 @@
+"""`python -m sga_jax.evaluate`: the image metrics of `sga_jax.metrics` over folders of images.
+
+    python -m sga_jax.evaluate --images samples/                     # GLCM score, compression ratio
+    python -m sga_jax.evaluate --images recon/ --reference originals/  # + PSNR, SSIM, NMSE by file name
+    python -m sga_jax.evaluate --images samples/ --reference real/ --dinov2 dinov2-large/  # + FD-DINOv2
+
+Images are read as 8-bit RGB. With `--reference`, files are paired by name for the reconstruction
+metrics (pairs must have the same size; names without a partner are skipped and counted). With
+`--dinov2` (a save_pretrained DINOv2 directory) the Fréchet distance between the two sets' CLS
+features is added; `--reference_stats` reads the reference set's statistics from an .npz written
+by `--save_stats` instead of encoding it again. The report is printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from sga_jax import metrics
+from sga_jax.data.sources import IMAGE_EXTENSIONS
+from sga_jax.data.transforms import BadRecord, open_image
+from sga_jax.models import dinov2
+
+MAX_PIXELS = 8192 * 8192
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB (H, W, 3); unreadable files raise a ValueError naming them."""
+    try:
+        with open_image(path, MAX_PIXELS) as image:
+            return np.asarray(image.convert("RGB"))
+    except BadRecord as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def to_model_range(image: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [-1, 1], batched (1, H, W, 3)."""
+    return (image.astype(np.float32) / 127.5 - 1.0)[None]
+
+
+def generation_metrics(files: Sequence[Path]) -> dict[str, float]:
+    """Mean GLCM score and the JPEG compression ratio of a set of images, reading one image at a time."""
+    scores = []
+
+    def images() -> Iterator[np.ndarray]:
+        for path in files:
+            image = read_rgb(path)
+            scores.append(metrics.glcm_score(image))
+            yield image
+
+    ratio = metrics.compression_ratio(images())
+    return {"glcm_score": float(np.mean(scores)), "compression_ratio": ratio}
+
+
+def reconstruction_metrics(files: Sequence[Path], reference: Path) -> dict[str, float]:
+    """Mean PSNR (dB), SSIM and NMSE of `files` against the same names in `reference`."""
+    partners = {p.name: p for p in list_images(reference)}
+    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "nmse": []}
+    for path in files:
+        if path.name not in partners:
+            continue
+        ours, theirs = read_rgb(path), read_rgb(partners[path.name])
+        if ours.shape != theirs.shape:
+            raise ValueError(f"{path} is {ours.shape[:2]} but {partners[path.name]} is {theirs.shape[:2]}")
+        a, b = jnp.asarray(to_model_range(ours)), jnp.asarray(to_model_range(theirs))
+        values["psnr"].append(float(metrics.psnr(a, b)[0]))
+        values["ssim"].append(float(metrics.ssim(a, b)[0]))
+        values["nmse"].append(float(metrics.nmse(a, b)[0]))
+    if not values["psnr"]:
+        raise ValueError(f"no file name in the images folder also appears in {reference}")
+    report = {name: float(np.mean(v)) for name, v in values.items()}
+    report["pairs"] = len(values["psnr"])
+    report["unpaired"] = len(files) - len(values["psnr"])
+    return report
+
+
+def _batches(files: Sequence[Path], size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(files), size):
+        yield np.concatenate([to_model_range(read_rgb(p)) for p in files[start : start + size]])
+
+
+def dinov2_statistics(model: dinov2.Dinov2, files: Sequence[Path], batch_size: int) -> metrics.FeatureStatistics:
+    """Streaming statistics of the DINOv2 CLS features of a set (images may differ in size
+    across batches; within a batch they must agree)."""
+    stats = metrics.FeatureStatistics(model.config.hidden_size)
+    for batch in _batches(files, batch_size):
+        stats.update(metrics.dinov2_features(model, jnp.asarray(batch)))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m sga_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder of images to score")
+    parser.add_argument("--reference", help="folder of reference images (pairs by name; the FD reference set)")
+    parser.add_argument("--dinov2", help="save_pretrained DINOv2 directory: adds FD-DINOv2")
+    parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
+    parser.add_argument("--save_stats", help="write the images' DINOv2 feature statistics to this .npz")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out", help="JSON report path (default: IMAGES/metrics.json)")
+    args = parser.parse_args(argv)
+    if (args.save_stats or args.reference_stats) and not args.dinov2:
+        parser.error("--save_stats and --reference_stats need --dinov2")
+
+    files = list_images(args.images)
+    report: dict[str, object] = {"images": len(files), **generation_metrics(files)}
+    if args.reference:
+        report.update(reconstruction_metrics(files, Path(args.reference)))
+    if args.dinov2:
+        model = dinov2.load(args.dinov2)
+        stats = dinov2_statistics(model, files, args.batch_size)
+        if args.save_stats:
+            stats.save(args.save_stats)
+        if args.reference_stats:
+            reference = metrics.FeatureStatistics.load(args.reference_stats)
+        elif args.reference:
+            reference = dinov2_statistics(model, list_images(args.reference), args.batch_size)
+        else:
+            reference = None
+        if reference is not None:
+            report["fd_dinov2"] = metrics.frechet_distance(stats.mean, stats.covariance,
+                                                           reference.mean, reference.covariance)
+    out = Path(args.out) if args.out else Path(args.images) / "metrics.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The paper's image metrics that need no downloaded network, and the Fréchet distance.
+
+* Reconstruction (`reconstruction.py`, JAX, batched): PSNR, SSIM (Wang et al. 2004 as
+  scikit-image computes it), NMSE.
+* Generation (`texture.py`, NumPy on the host): Diffusion-4K's GLCM score and the JPEG
+  compression ratio.
+* Distribution (`frechet.py`): streaming feature statistics and the Fréchet distance, with
+  DINOv2 CLS features (FD-DINOv2) from `sga_jax.models.dinov2`.
+
+`python -m sga_jax.evaluate` runs them over folders of images.
+"""
+
+from sga_jax.metrics.frechet import FeatureStatistics, dinov2_features, frechet_distance
+from sga_jax.metrics.reconstruction import nmse, psnr, ssim
+from sga_jax.metrics.texture import compression_ratio, glcm_score, grey64
+
+__all__ = [
+    "FeatureStatistics",
+    "compression_ratio",
+    "dinov2_features",
+    "frechet_distance",
+    "glcm_score",
+    "grey64",
+    "nmse",
+    "psnr",
+    "ssim",
+]

@@ -1,0 +1,81 @@
+"""`python -m sga_jax.evaluate` over folders of PNG files: the report equals the metrics called
+directly, FD-DINOv2 through a tiny random transformers DINOv2, and saved reference statistics."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+
+from sga_jax import evaluate, metrics
+from sga_jax.models import dinov2
+from tests.torch_reference import randomize_
+
+
+def _write(folder, images):
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    originals = [np.clip(rng.normal(120, 40, size=(64, 96, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    recons = [np.clip(o + rng.normal(0, 8, size=o.shape), 0, 255).astype(np.uint8) for o in originals]
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=224, patch_size=14)
+    reference = transformers.Dinov2Model(config)
+    randomize_(reference, seed=1, scale=0.2)
+    reference.save_pretrained(root / "dinov2", safe_serialization=True)
+    return {"originals": _write(root / "originals", originals), "recons": _write(root / "recons", recons),
+            "dinov2": root / "dinov2", "arrays": (originals, recons)}
+
+
+def test_report_equals_the_metrics_called_directly(folders, tmp_path):
+    out = tmp_path / "report.json"
+    assert evaluate.main(["--images", str(folders["recons"]), "--reference", str(folders["originals"]),
+                          "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    originals, recons = folders["arrays"]
+    assert report["images"] == 4 and report["pairs"] == 4 and report["unpaired"] == 0
+    assert report["glcm_score"] == pytest.approx(np.mean([metrics.glcm_score(r) for r in recons]))
+    assert report["compression_ratio"] == pytest.approx(metrics.compression_ratio(recons))
+    a = jnp.asarray(np.stack(recons) / 127.5 - 1.0, jnp.float32)
+    b = jnp.asarray(np.stack(originals) / 127.5 - 1.0, jnp.float32)
+    for name in ("psnr", "ssim", "nmse"):
+        assert report[name] == pytest.approx(float(np.mean(getattr(metrics, name)(a, b))), rel=1e-5)
+
+
+def test_fd_dinov2_with_saved_reference_statistics(folders, tmp_path):
+    stats = tmp_path / "originals.npz"
+    evaluate.main(["--images", str(folders["originals"]), "--dinov2", str(folders["dinov2"]),
+                   "--save_stats", str(stats), "--out", str(tmp_path / "a.json")])
+    evaluate.main(["--images", str(folders["recons"]), "--dinov2", str(folders["dinov2"]),
+                   "--reference", str(folders["originals"]), "--out", str(tmp_path / "b.json")])
+    evaluate.main(["--images", str(folders["recons"]), "--dinov2", str(folders["dinov2"]),
+                   "--reference_stats", str(stats), "--out", str(tmp_path / "c.json")])
+    direct = json.loads((tmp_path / "b.json").read_text())["fd_dinov2"]
+    from_stats = json.loads((tmp_path / "c.json").read_text())["fd_dinov2"]
+    assert direct > 0 and from_stats == pytest.approx(direct, rel=1e-9)
+    model = dinov2.load(folders["dinov2"])
+    same = evaluate.dinov2_statistics(model, evaluate.list_images(folders["originals"]), batch_size=3)
+    assert metrics.frechet_distance(same.mean, same.covariance, same.mean, same.covariance) == pytest.approx(0, abs=1e-6)
+
+
+def test_bad_inputs_are_named(folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        evaluate.list_images(tmp_path / "missing")
+    small = _write(tmp_path / "small", [np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"00\.png is \(32, 32\) but .*00\.png is \(64, 96\)"):
+        evaluate.reconstruction_metrics(evaluate.list_images(small), folders["originals"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"x\.png: not an image"):
+        evaluate.read_rgb(tmp_path / "broken" / "x.png")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--images", str(folders["originals"]), "--save_stats", str(tmp_path / "s.npz")])
