@@ -3,12 +3,16 @@
     python -m sga_jax.evaluate --images samples/                     # GLCM score, compression ratio
     python -m sga_jax.evaluate --images recon/ --reference originals/  # + PSNR, SSIM, NMSE by file name
     python -m sga_jax.evaluate --images samples/ --reference real/ --dinov2 dinov2-large/  # + FD-DINOv2
+    python -m sga_jax.evaluate --images samples/ --clip clip-vit-base-patch16/          # + CLIP score
 
 Images are read as 8-bit RGB. With `--reference`, files are paired by name for the reconstruction
 metrics (pairs must have the same size; names without a partner are skipped and counted). With
 `--dinov2` (a save_pretrained DINOv2 directory) the Fréchet distance between the two sets' CLS
 features is added; `--reference_stats` reads the reference set's statistics from an .npz written
-by `--save_stats` instead of encoding it again. The report is printed and written as JSON.
+by `--save_stats` instead of encoding it again. With `--clip` (a save_pretrained `CLIPModel`
+directory holding its tokenizer) the mean CLIP score against the prompts of IMAGES/index.jsonl
+(as `python -m sga_jax.sample` writes it: {"file": ..., "prompt": ...} per line) is added. The
+report is printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 from sga_jax import metrics
 from sga_jax.data.sources import IMAGE_EXTENSIONS
 from sga_jax.data.transforms import BadRecord, open_image
-from sga_jax.models import dinov2
+from sga_jax.models import clip, dinov2
+from sga_jax.text import load_tokenizer, tokenize
 
 MAX_PIXELS = 8192 * 8192
 
@@ -92,8 +97,15 @@ def reconstruction_metrics(files: Sequence[Path], reference: Path) -> dict[str, 
 
 
 def _batches(files: Sequence[Path], size: int) -> Iterator[np.ndarray]:
+    """Batches of images in [-1, 1]; a batch's images must share a size."""
     for start in range(0, len(files), size):
-        yield np.concatenate([to_model_range(read_rgb(p)) for p in files[start : start + size]])
+        chunk = files[start : start + size]
+        images = [to_model_range(read_rgb(p)) for p in chunk]
+        for path, image in zip(chunk, images):
+            if image.shape != images[0].shape:
+                raise ValueError(f"{path} is {image.shape[1:3]} but {chunk[0]} is {images[0].shape[1:3]}: "
+                                 "images in one batch must share a size (use --batch_size 1)")
+        yield np.concatenate(images)
 
 
 def dinov2_statistics(model: dinov2.Dinov2, files: Sequence[Path], batch_size: int) -> metrics.FeatureStatistics:
@@ -105,6 +117,30 @@ def dinov2_statistics(model: dinov2.Dinov2, files: Sequence[Path], batch_size: i
     return stats
 
 
+def read_prompts(folder: str | Path) -> dict[str, str]:
+    """File name -> prompt from the folder's index.jsonl."""
+    index = Path(folder) / "index.jsonl"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: CLIP score needs each image's prompt "
+                                '(lines {"file": ..., "prompt": ...}, as python -m sga_jax.sample writes)')
+    records = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    return {r["file"]: r["prompt"] for r in records}
+
+
+def clip_score_mean(model: clip.ClipModel, tokenizer: object, files: Sequence[Path], prompts: dict[str, str],
+                    batch_size: int) -> float:
+    """Mean CLIP score of the images against their prompts; an image without a prompt is an error."""
+    missing = [p.name for p in files if p.name not in prompts]
+    if missing:
+        raise ValueError(f"no prompt in index.jsonl for {', '.join(missing[:5])}")
+    length = model.text_model.config.max_position_embeddings
+    scores = []
+    for start, batch in zip(range(0, len(files), batch_size), _batches(files, batch_size)):
+        ids, _ = tokenize(tokenizer, [prompts[p.name] for p in files[start : start + batch_size]], length)
+        scores.append(np.asarray(metrics.clip_score(model, jnp.asarray(batch), jnp.asarray(ids))))
+    return float(np.concatenate(scores).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m sga_jax.evaluate", description=__doc__.split("\n\n")[0])
@@ -113,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dinov2", help="save_pretrained DINOv2 directory: adds FD-DINOv2")
     parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
     parser.add_argument("--save_stats", help="write the images' DINOv2 feature statistics to this .npz")
+    parser.add_argument("--clip", help="save_pretrained CLIPModel directory with its tokenizer: adds CLIP score")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", help="JSON report path (default: IMAGES/metrics.json)")
     args = parser.parse_args(argv)
@@ -137,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if reference is not None:
             report["fd_dinov2"] = metrics.frechet_distance(stats.mean, stats.covariance,
                                                            reference.mean, reference.covariance)
+    if args.clip:
+        clip_model = clip.load_clip_model(args.clip)
+        report["clip_score"] = clip_score_mean(clip_model, load_tokenizer("clip", args.clip), files,
+                                               read_prompts(args.images), args.batch_size)
     out = Path(args.out) if args.out else Path(args.images) / "metrics.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -10,7 +10,7 @@ import transformers
 from PIL import Image
 
 from sga_jax import evaluate, metrics
-from sga_jax.models import dinov2
+from sga_jax.models import clip, dinov2
 from tests.torch_reference import randomize_
 
 
@@ -79,3 +79,38 @@ def test_bad_inputs_are_named(folders, tmp_path):
         evaluate.read_rgb(tmp_path / "broken" / "x.png")
     with pytest.raises(SystemExit):
         evaluate.main(["--images", str(folders["originals"]), "--save_stats", str(tmp_path / "s.npz")])
+
+
+def test_clip_score_over_a_sampled_folder(tmp_path):
+    from sga_jax.demo import CAPTIONS
+    from sga_jax.text import build_demo_tokenizers, load_tokenizer, tokenize
+
+    _, tokenizer_dir = build_demo_tokenizers(tmp_path / "tok", CAPTIONS.values())
+    tokenizer = load_tokenizer("clip", tokenizer_dir)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=3,
+                           image_size=28, patch_size=7),
+        projection_dim=16,
+    )
+    reference = transformers.CLIPModel(config)
+    randomize_(reference, seed=2, scale=0.2)
+    reference.save_pretrained(tmp_path / "clip", safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp_path / "clip"))
+    prompts = list(CAPTIONS.values())[:3]
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8) for _ in prompts]
+    folder = _write(tmp_path / "samples", images)
+    (folder / "index.jsonl").write_text("".join(json.dumps({"file": f"{i:02d}.png", "prompt": p}) + "\n"
+                                                for i, p in enumerate(prompts)))
+    assert evaluate.main(["--images", str(folder), "--clip", str(tmp_path / "clip"), "--batch_size", "2"]) == 0
+    report = json.loads((folder / "metrics.json").read_text())
+    ids, _ = tokenize(tokenizer, prompts, 77)
+    pixels = jnp.asarray(np.stack(images) / 127.5 - 1.0, jnp.float32)
+    want = metrics.clip_score(clip.load_clip_model(tmp_path / "clip"), pixels, jnp.asarray(ids))
+    assert report["clip_score"] == pytest.approx(float(np.mean(want)), rel=1e-5)
+    (folder / "index.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="index.jsonl not found"):
+        evaluate.read_prompts(folder)

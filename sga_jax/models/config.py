@@ -52,6 +52,19 @@ class ModelConfig:
                 problems.append(f"{name} {getattr(self, name)!r} is not a dtype name")
         return problems
 
+    def check_positive_ints(self, *names: str) -> None:
+        """Raise a ValueError naming the config class and the first of `names` that is not a positive int."""
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def check_heads(self, width: str = "hidden_size", heads: str = "num_attention_heads") -> None:
+        """Raise a ValueError naming the config class when the `width` field does not split into `heads`."""
+        if getattr(self, width) % getattr(self, heads):
+            raise ValueError(f"{type(self).__name__}.{width} {getattr(self, width)} is not divisible by "
+                             f"{heads} {getattr(self, heads)}")
+
     def check_run_settings(self) -> None:
         """Raise a ValueError naming the config class and every bad run setting."""
         problems = self.run_setting_problems()

@@ -1,10 +1,12 @@
-"""CLIP text encoder weights: transformers safetensors <-> ours.
+"""CLIP weights: transformers safetensors <-> ours.
 
-Two on-disk layouts carry the same tensors: transformers 5's `CLIPTextModel.save_pretrained`
-writes `embeddings.*`, `encoder.layers.{i}.*`, `final_layer_norm.*`; the hub layout (Flux's
-`text_encoder` folder, checkpoints saved by transformers 4, and full `CLIPModel` checkpoints such
-as openai/clip-vit-large-patch14) prefixes them with `text_model.`. Both load; in a full CLIPModel
-the vision tower, the projections and `logit_scale` are skipped.
+Two on-disk layouts carry the same text-encoder tensors: transformers 5's
+`CLIPTextModel.save_pretrained` writes `embeddings.*`, `encoder.layers.{i}.*`, `final_layer_norm.*`;
+the hub layout (Flux's `text_encoder` folder, checkpoints saved by transformers 4, and full
+`CLIPModel` checkpoints such as openai/clip-vit-large-patch14) prefixes them with `text_model.`.
+Both load with `load`; in a full CLIPModel the vision tower, the projections and `logit_scale` are
+skipped. `load_clip_model` reads a full `CLIPModel` checkpoint (both towers and projections, for
+CLIP score); only `logit_scale` is left out.
 """
 
 from __future__ import annotations
@@ -19,23 +21,17 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import weights as W
-from sga_jax.models.clip.model import ClipTextConfig, ClipTextModel
+from sga_jax.models.clip.model import ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig
 
 FORMATS = ("transformers", "hub")
 HUB_PREFIX = "text_model."
 _SKIPPED = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale", "embeddings.position_ids")
 
 
-def key_map(config: ClipTextConfig) -> dict[str, W.Rule]:
-    """Our parameter path -> checkpoint rule (transformers 5 names, no prefix)."""
-    n = config.num_hidden_layers
+def _encoder_rules(n: int) -> dict[str, W.Rule]:
+    """The stacked encoder blocks both towers share."""
     layer = "encoder.layers.{i}"
-    km = {
-        "embeddings.token_embedding.embedding": W.rule("embeddings.token_embedding.weight"),
-        "embeddings.position_embedding.embedding": W.rule("embeddings.position_embedding.weight"),
-        "final_layer_norm.scale": W.rule("final_layer_norm.weight"),
-        "final_layer_norm.bias": W.rule("final_layer_norm.bias"),
-    }
+    km = {}
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
         km[f"encoder.layers.self_attn.{proj}.kernel"] = W.rule(f"{layer}.self_attn.{proj}.weight", transform=W.LINEAR, layers=n)
         km[f"encoder.layers.self_attn.{proj}.bias"] = W.rule(f"{layer}.self_attn.{proj}.bias", layers=n)
@@ -46,6 +42,43 @@ def key_map(config: ClipTextConfig) -> dict[str, W.Rule]:
         km[f"encoder.layers.{norm}.scale"] = W.rule(f"{layer}.{norm}.weight", layers=n)
         km[f"encoder.layers.{norm}.bias"] = W.rule(f"{layer}.{norm}.bias", layers=n)
     return km
+
+
+def _norm_rules(name: str) -> dict[str, W.Rule]:
+    return {f"{name}.scale": W.rule(f"{name}.weight"), f"{name}.bias": W.rule(f"{name}.bias")}
+
+
+def key_map(config: ClipTextConfig) -> dict[str, W.Rule]:
+    """Our text-model parameter path -> checkpoint rule (transformers 5 names, no prefix)."""
+    return {
+        "embeddings.token_embedding.embedding": W.rule("embeddings.token_embedding.weight"),
+        "embeddings.position_embedding.embedding": W.rule("embeddings.position_embedding.weight"),
+        **_norm_rules("final_layer_norm"),
+        **_encoder_rules(config.num_hidden_layers),
+    }
+
+
+def vision_key_map(config: ClipVisionConfig) -> dict[str, W.Rule]:
+    """Our vision-model parameter path -> checkpoint rule (no `vision_model.` prefix)."""
+    return {
+        "embeddings.class_embedding": W.rule("embeddings.class_embedding"),
+        "embeddings.patch_embedding.kernel": W.rule("embeddings.patch_embedding.weight", transform=W.CONV2D),
+        "embeddings.position_embedding.embedding": W.rule("embeddings.position_embedding.weight"),
+        **_norm_rules("pre_layrnorm"),
+        **_norm_rules("post_layernorm"),
+        **_encoder_rules(config.num_hidden_layers),
+    }
+
+
+def clip_model_key_map(model: ClipModel) -> dict[str, W.Rule]:
+    """A full `CLIPModel` checkpoint's rules: both towers under their prefixes and the projections."""
+    nest = lambda km, prefix: {f"{prefix}{name}": r for name, r in _with_prefix(km, prefix).items()}
+    return {
+        **nest(key_map(model.text_model.config), HUB_PREFIX),
+        **nest(vision_key_map(model.vision_model.config), "vision_model."),
+        "text_projection.kernel": W.rule("text_projection.weight", transform=W.LINEAR),
+        "visual_projection.kernel": W.rule("visual_projection.weight", transform=W.LINEAR),
+    }
 
 
 def _with_prefix(km: dict[str, W.Rule], prefix: str) -> dict[str, W.Rule]:
@@ -134,3 +167,28 @@ def save(model: ClipTextModel, path: str | os.PathLike, format: str = "transform
     stored = np.dtype(dtype).name if dtype is not None else config.param_dtype
     (path / "config.json").write_text(json.dumps({**config.to_hf_config(), "dtype": stored}, indent=2))
     return files
+
+
+def load_clip_model(path: str | os.PathLike, *, shardings: Any = None, **overrides: Any) -> ClipModel:
+    """Load a transformers `CLIPModel` (e.g. openai/clip-vit-base-patch16) from its save_pretrained
+    directory: `config.json` (model_type "clip") beside safetensors. `overrides` (e.g. dtype) apply to
+    both towers; `shardings` as in `load`."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    hf_file = folder / "config.json"
+    if not hf_file.is_file():
+        raise FileNotFoundError(f"{hf_file} not found: a CLIPModel directory needs its config.json")
+    hf = json.loads(hf_file.read_text())
+    if hf.get("model_type") != "clip":
+        raise ValueError(f"{hf_file}: model_type {hf.get('model_type')!r} is not a full CLIPModel ('clip')")
+    text_config = ClipTextConfig.from_hf_config(hf, **overrides)
+    vision_config = ClipVisionConfig.from_hf_config(hf, **overrides)
+    projection_dim = hf.get("projection_dim", 512)
+    model = nnx.eval_shape(lambda: ClipModel(text_config, vision_config, projection_dim, rngs=nnx.Rngs(0)))
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    ignore = lambda key: key == "logit_scale" or key.endswith("position_ids")
+    state = W.load_state(W.CheckpointReader(path), clip_model_key_map(model), abstract, shardings=shardings,
+                         ignore=ignore)
+    return nnx.merge(graphdef, state, rest)

@@ -1,10 +1,16 @@
-"""CLIP text transformer (Flux's `text_encoder`, OpenAI CLIP ViT-L/14), as transformers' `CLIPTextModel`.
+"""CLIP's text and vision transformers, as transformers' `CLIPTextModel`, `CLIPVisionModel` and
+`CLIPModel` (both towers with their projections, for CLIP score). The text tower is Flux's
+`text_encoder` (OpenAI CLIP ViT-L/14).
 
 Architecture facts (transformers `modeling_clip.py`): token + learned absolute position
 embeddings, pre-norm blocks (LayerNorm, causal multi-head attention with biases and 1/sqrt(d)
 scaling, quick-GELU MLP), a final LayerNorm, and a pooled output taken at the end-of-text token:
 the position of the largest id when the config's `eos_token_id` is 2 (the legacy configs that
 Flux's CLIP-L ships), else the first position holding `eos_token_id`.
+
+The vision tower: a patch convolution (no bias), a learned class token and absolute position
+embeddings, `pre_layrnorm` (sic, the checkpoint's name), the same blocks without a causal mask, and
+`post_layernorm` on the class token as the pooled output.
 
 Attribute names follow the checkpoint (`embeddings.token_embedding`, `encoder.layers.self_attn.q_proj`,
 `final_layer_norm`); the layers are stacked on a leading "layers" axis and run with `lax.scan`.
@@ -20,7 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.models import layers as L
+from sga_jax.models import vit
 from sga_jax.models.config import ModelConfig
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +57,9 @@ class ClipTextConfig(ModelConfig):
     attention_implementations = ("xla", "cudnn")  # "chunked" takes no causal and padding masks
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ClipTextConfig.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"ClipTextConfig.hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        self.check_positive_ints("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "max_position_embeddings")
+        self.check_heads()
         L.activation(self.hidden_act)
         self.check_run_settings()
 
@@ -80,17 +83,7 @@ class ClipTextConfig(ModelConfig):
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "ClipTextConfig":
         """Build from a transformers `config.json` dict: a `clip_text_model`, or a full `clip` config
         (its `text_config` is used)."""
-        if hf.get("model_type") == "clip":
-            hf = hf.get("text_config") or {}
-        elif hf.get("model_type", "clip_text_model") != "clip_text_model":
-            raise ValueError(f"not a CLIP text config: model_type={hf.get('model_type')!r}")
-        defaults = cls()
-        fields = {
-            f.name: hf.get(f.name, getattr(defaults, f.name))
-            for f in dataclasses.fields(cls)
-            if f.name not in ("dtype", "param_dtype", "attention", "remat")
-        }
-        return cls(**{**fields, **overrides})
+        return _tower_from_hf(cls, "text", hf, overrides)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The transformers `config.json` of a `CLIPTextModel` with these shapes."""
@@ -107,6 +100,23 @@ class ClipTextConfig(ModelConfig):
             "layer_norm_eps": self.layer_norm_eps,
             "eos_token_id": self.eos_token_id,
         }
+
+
+def _tower_from_hf(cls: type, tower: str, hf: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """A tower's config from a `clip_{tower}_model` config.json dict or a full `clip` one's
+    `{tower}_config`; fields missing there keep our defaults, run settings come from `overrides`."""
+    model_type = f"clip_{tower}_model"
+    if hf.get("model_type") == "clip":
+        hf = hf.get(f"{tower}_config") or {}
+    elif hf.get("model_type", model_type) != model_type:
+        raise ValueError(f"not a CLIP {tower} config: model_type={hf.get('model_type')!r}")
+    defaults = cls()
+    fields = {
+        f.name: hf.get(f.name, getattr(defaults, f.name))
+        for f in dataclasses.fields(cls)
+        if f.name not in ("dtype", "param_dtype", "attention", "remat")
+    }
+    return cls(**{**fields, **overrides})
 
 
 class ClipTextEmbeddings(nnx.Module):
@@ -132,9 +142,10 @@ class ClipTextEmbeddings(nnx.Module):
 
 
 class ClipAttention(nnx.Module):
-    """Multi-head attention with q/k/v/out projections (biases), scaled by 1/sqrt(head_dim)."""
+    """Multi-head attention with q/k/v/out projections (biases), scaled by 1/sqrt(head_dim); causal
+    in the text tower."""
 
-    def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
         dim = config.hidden_size
         kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
         self.q_proj = L.linear(dim, dim, ("embed", "heads"), **kw)
@@ -144,19 +155,20 @@ class ClipAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.implementation = config.attention
+        self.causal = causal
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         batch, length, dim = x.shape
         split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = L.attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
+        out = L.attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
         return self.out_proj(out.reshape(batch, length, dim))
 
 
 class ClipMLP(nnx.Module):
     """fc1 -> activation -> fc2."""
 
-    def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
         self.fc1 = L.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
         self.fc2 = L.linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
@@ -169,10 +181,10 @@ class ClipMLP(nnx.Module):
 class ClipEncoderLayer(nnx.Module):
     """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype),
                   param_dtype=L.dtype_of(config.param_dtype))
-        self.self_attn = ClipAttention(config, rngs=rngs)
+        self.self_attn = ClipAttention(config, causal=causal, rngs=rngs)
         self.layer_norm1 = L.layer_norm(config.hidden_size, **kw)
         self.mlp = ClipMLP(config, rngs=rngs)
         self.layer_norm2 = L.layer_norm(config.hidden_size, **kw)
@@ -186,8 +198,9 @@ class ClipEncoderLayer(nnx.Module):
 class ClipEncoder(nnx.Module):
     """The stacked layers, run with `lax.scan`."""
 
-    def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
-        self.layers = L.stack_layers(lambda r: ClipEncoderLayer(config, rngs=r), config.num_hidden_layers, rngs)
+    def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
+        self.layers = L.stack_layers(lambda r: ClipEncoderLayer(config, causal=causal, rngs=r),
+                                     config.num_hidden_layers, rngs)
         self.remat = config.remat
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -217,7 +230,7 @@ class ClipTextModel(nnx.Module):
     def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = ClipTextEmbeddings(config, rngs=rngs)
-        self.encoder = ClipEncoder(config, rngs=rngs)
+        self.encoder = ClipEncoder(config, causal=True, rngs=rngs)
         self.final_layer_norm = L.layer_norm(
             config.hidden_size, rngs=rngs, eps=config.layer_norm_eps,
             dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype),
@@ -232,3 +245,129 @@ class ClipTextModel(nnx.Module):
         hidden = self.final_layer_norm(self.encoder(x, mask)).astype(dtype)
         pooled = jnp.take_along_axis(hidden, eos_positions(input_ids, self.config.eos_token_id)[:, None, None], axis=1)[:, 0]
         return hidden, pooled
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipVisionConfig(ModelConfig):
+    """Hyper-parameters of a CLIP vision tower (names as transformers' `CLIPVisionConfig`)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        self.check_positive_ints("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "num_channels", "image_size", "patch_size")
+        self.check_heads()
+        if self.image_size % self.patch_size:
+            raise ValueError(f"ClipVisionConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        L.activation(self.hidden_act)
+        self.check_run_settings()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def vit_b_16(cls, **overrides: Any) -> "ClipVisionConfig":
+        """openai/clip-vit-base-patch16's vision tower (the paper's CLIP score)."""
+        return cls(**{"patch_size": 16, **overrides})
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "ClipVisionConfig":
+        """Build from a transformers `config.json` dict: a `clip_vision_model`, or a full `clip`
+        config (its `vision_config` is used)."""
+        return _tower_from_hf(cls, "vision", hf, overrides)
+
+
+class ClipVisionEmbeddings(nnx.Module):
+    """Patch convolution (no bias) + learned class token + learned absolute positions."""
+
+    def __init__(self, config: ClipVisionConfig, *, rngs: nnx.Rngs):
+        param_dtype = L.dtype_of(config.param_dtype)
+        self.patch_embedding = L.conv(
+            config.num_channels, config.hidden_size, config.patch_size, strides=config.patch_size,
+            padding="VALID", use_bias=False, rngs=rngs, dtype=L.dtype_of(config.dtype),
+            param_dtype=param_dtype, axes=(None, "embed"),
+        )
+        self.class_embedding = vit.learned_token((config.hidden_size,), rngs, param_dtype)
+        self.position_embedding = nnx.Embed(
+            config.num_patches + 1, config.hidden_size, param_dtype=param_dtype,
+            embedding_init=L.logical(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs,
+        )
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        patches = self.patch_embedding(pixel_values)
+        batch, _, _, dim = patches.shape
+        patches = patches.reshape(batch, -1, dim)
+        positions = self.position_embedding.embedding[...]
+        if patches.shape[1] + 1 != positions.shape[0]:
+            raise ValueError(
+                f"CLIP vision: {patches.shape[1]} patches but {positions.shape[0] - 1} position embeddings; "
+                "resize images to config.image_size"
+            )
+        token = jnp.broadcast_to(self.class_embedding[...].astype(patches.dtype), (batch, 1, dim))
+        return jnp.concatenate([token, patches], axis=1) + positions[None].astype(patches.dtype)
+
+
+class ClipVisionModel(nnx.Module):
+    """transformers' `CLIPVisionModel`: `model(pixel_values)` -> (last_hidden_state, pooled).
+
+    pixel_values: (B, image_size, image_size, 3), normalised with `IMAGE_MEAN` / `IMAGE_STD`.
+    Returns the encoder output (B, 1 + patches, hidden), not normalised, and the pooled
+    `post_layernorm` class token (B, hidden), in `config.dtype`.
+    """
+
+    def __init__(self, config: ClipVisionConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype),
+                  param_dtype=L.dtype_of(config.param_dtype))
+        self.embeddings = ClipVisionEmbeddings(config, rngs=rngs)
+        self.pre_layrnorm = L.layer_norm(config.hidden_size, **kw)
+        self.encoder = ClipEncoder(config, causal=False, rngs=rngs)
+        self.post_layernorm = L.layer_norm(config.hidden_size, **kw)
+
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.config.num_channels:
+            raise ValueError(f"pixel_values must be (B, H, W, {self.config.num_channels}), got {pixel_values.shape}")
+        dtype = L.dtype_of(self.config.dtype)
+        x = self.pre_layrnorm(self.embeddings(pixel_values.astype(dtype)))
+        hidden = self.encoder(L.constrain(x, ("batch", "length", "embed")), None).astype(dtype)
+        return hidden, self.post_layernorm(hidden[:, 0]).astype(dtype)
+
+
+class ClipModel(nnx.Module):
+    """transformers' `CLIPModel` without its logit scale: both towers and their projections, giving
+    the joint embeddings CLIP score compares (`image_features`, `text_features`)."""
+
+    def __init__(self, text_config: ClipTextConfig, vision_config: ClipVisionConfig, projection_dim: int,
+                 *, rngs: nnx.Rngs):
+        self.projection_dim = projection_dim
+        self.text_model = ClipTextModel(text_config, rngs=rngs)
+        self.vision_model = ClipVisionModel(vision_config, rngs=rngs)
+        kw = dict(rngs=rngs, use_bias=False, dtype=L.dtype_of(text_config.dtype),
+                  param_dtype=L.dtype_of(text_config.param_dtype))
+        self.text_projection = L.linear(text_config.hidden_size, projection_dim, ("embed", None), **kw)
+        self.visual_projection = L.linear(vision_config.hidden_size, projection_dim, ("embed", None), **kw)
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Normalised pixels (B, S, S, 3) -> projected image embeddings (B, projection_dim)."""
+        return self.visual_projection(self.vision_model(pixel_values)[1])
+
+    def text_features(self, input_ids: jax.Array) -> jax.Array:
+        """Token ids (B, L) -> projected text embeddings (B, projection_dim)."""
+        return self.text_projection(self.text_model(input_ids)[1])

@@ -56,11 +56,7 @@ class Dinov2Config(ModelConfig):
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"Dinov2Config.model_type={self.model_type!r}; expected one of {MODEL_TYPES}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"Dinov2Config: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        self.check_heads()
         if self.model_type == "dinov2_with_registers" and not self.use_mask_token:
             raise ValueError("Dinov2Config: dinov2_with_registers checkpoints always carry a mask token")
         if self.model_type == "dinov2" and self.num_register_tokens:

@@ -54,11 +54,7 @@ class Dinov3Config(ModelConfig):
     remat: str = "none"
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"Dinov3Config: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        self.check_heads()
         if self.head_dim % 4:
             raise ValueError(f"Dinov3Config: head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         L.activation(self.hidden_act)

@@ -70,11 +70,8 @@ class T5Config(ModelConfig):
     attention_implementations = ("xla", "cudnn")  # "chunked" takes no relative-position bias and padding mask
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                     "relative_attention_num_buckets", "relative_attention_max_distance"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                 "relative_attention_num_buckets", "relative_attention_max_distance")
         if self.relative_attention_num_buckets < 4:
             raise ValueError(
                 f"T5Config.relative_attention_num_buckets must be >= 4 (two directions, exact and log "
