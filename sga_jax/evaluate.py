@@ -4,6 +4,7 @@
     python -m sga_jax.evaluate --images recon/ --reference originals/  # + PSNR, SSIM, NMSE by file name
     python -m sga_jax.evaluate --images samples/ --reference real/ --dinov2 dinov2-large/  # + FD-DINOv2
     python -m sga_jax.evaluate --images samples/ --clip clip-vit-base-patch16/          # + CLIP score
+    python -m sga_jax.evaluate --images samples/ --aesthetics predictor.safetensors --aesthetics_clip clip-vit-large-patch14/
 
 Images are read as 8-bit RGB. With `--reference`, files are paired by name for the reconstruction
 metrics (pairs must have the same size; names without a partner are skipped and counted). With
@@ -11,8 +12,9 @@ metrics (pairs must have the same size; names without a partner are skipped and 
 features is added; `--reference_stats` reads the reference set's statistics from an .npz written
 by `--save_stats` instead of encoding it again. With `--clip` (a save_pretrained `CLIPModel`
 directory holding its tokenizer) the mean CLIP score against the prompts of IMAGES/index.jsonl
-(as `python -m sga_jax.sample` writes it: {"file": ..., "prompt": ...} per line) is added. The
-report is printed and written as JSON.
+(as `python -m sga_jax.sample` writes it: {"file": ..., "prompt": ...} per line) is added; with
+`--aesthetics` (the LAION predictor as safetensors) and `--aesthetics_clip` (CLIP ViT-L/14) the
+mean aesthetic score. The report is printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -141,6 +143,14 @@ def clip_score_mean(model: clip.ClipModel, tokenizer: object, files: Sequence[Pa
     return float(np.concatenate(scores).mean())
 
 
+def aesthetic_mean(clip_model: clip.ClipModel, predictor: metrics.AestheticPredictor, files: Sequence[Path],
+                   batch_size: int) -> float:
+    """Mean aesthetic score of the images."""
+    scores = [np.asarray(metrics.aesthetic_score(clip_model, predictor, jnp.asarray(batch)))
+              for batch in _batches(files, batch_size)]
+    return float(np.concatenate(scores).mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m sga_jax.evaluate", description=__doc__.split("\n\n")[0])
@@ -150,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
     parser.add_argument("--save_stats", help="write the images' DINOv2 feature statistics to this .npz")
     parser.add_argument("--clip", help="save_pretrained CLIPModel directory with its tokenizer: adds CLIP score")
+    parser.add_argument("--aesthetics", help="the LAION aesthetic predictor as safetensors: adds its mean score")
+    parser.add_argument("--aesthetics_clip", help="the CLIPModel directory (ViT-L/14) the predictor reads")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", help="JSON report path (default: IMAGES/metrics.json)")
     args = parser.parse_args(argv)
     if (args.save_stats or args.reference_stats) and not args.dinov2:
         parser.error("--save_stats and --reference_stats need --dinov2")
+    if bool(args.aesthetics) != bool(args.aesthetics_clip):
+        parser.error("--aesthetics and --aesthetics_clip go together")
 
     files = list_images(args.images)
     report: dict[str, object] = {"images": len(files), **generation_metrics(files)}
@@ -178,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         clip_model = clip.load_clip_model(args.clip)
         report["clip_score"] = clip_score_mean(clip_model, load_tokenizer("clip", args.clip), files,
                                                read_prompts(args.images), args.batch_size)
+    if args.aesthetics:
+        report["aesthetics"] = aesthetic_mean(clip.load_clip_model(args.aesthetics_clip),
+                                              metrics.load_aesthetic_predictor(args.aesthetics), files, args.batch_size)
     out = Path(args.out) if args.out else Path(args.images) / "metrics.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -80,3 +81,30 @@ def test_clip_pixels_centre_crop_the_long_side():
     want = (crop - np.array(clip.IMAGE_MEAN)) / np.array(clip.IMAGE_STD)
     np.testing.assert_allclose(np.asarray(metrics.clip_pixels(jnp.asarray(images), 28)), want, rtol=1e-5, atol=1e-5)
     assert metrics.clip_pixels(jnp.asarray(images), 14).shape == (1, 14, 14, 3)
+
+
+def _laion_predictor(input_size, seed):
+    """The LAION improved aesthetic predictor's layout (linears with dropouts between, no activations)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+    ).eval()
+
+
+def test_aesthetic_score_matches_the_laion_predictor_on_transformers_embeddings(pair, tmp_path):
+    reference, ours, _ = pair
+    predictor = _laion_predictor(20, seed=6)
+    safetensors.torch.save_file({f"layers.{k}": v for k, v in predictor.state_dict().items()},
+                                tmp_path / "aesthetic.safetensors")
+    images = np.random.default_rng(7).uniform(-1, 1, size=(2, 28, 28, 3)).astype(np.float32)
+    pixels = ((images + 1) / 2 - np.array(clip.IMAGE_MEAN)) / np.array(clip.IMAGE_STD)
+    with torch.no_grad():
+        embedding = reference.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)).float())
+        embedding = embedding.pooler_output / embedding.pooler_output.norm(dim=-1, keepdim=True)
+        want = predictor(embedding)[:, 0].numpy()
+    ours_predictor = metrics.load_aesthetic_predictor(tmp_path / "aesthetic.safetensors")
+    got = metrics.aesthetic_score(ours, ours_predictor, jnp.asarray(images))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pickle checkpoints"):
+        metrics.load_aesthetic_predictor(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")

@@ -6,7 +6,9 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import transformers
+from flax import nnx
 from PIL import Image
 
 from sga_jax import evaluate, metrics
@@ -105,12 +107,24 @@ def test_clip_score_over_a_sampled_folder(tmp_path):
     folder = _write(tmp_path / "samples", images)
     (folder / "index.jsonl").write_text("".join(json.dumps({"file": f"{i:02d}.png", "prompt": p}) + "\n"
                                                 for i, p in enumerate(prompts)))
-    assert evaluate.main(["--images", str(folder), "--clip", str(tmp_path / "clip"), "--batch_size", "2"]) == 0
+    predictor = metrics.AestheticPredictor(16, rngs=nnx.Rngs(0))
+    safetensors.numpy.save_file({f"layers.{index}.{name}": np.asarray(value).T.copy() if name == "weight"
+                                 else np.asarray(value)
+                                 for i, index in enumerate((0, 2, 4, 6, 7))
+                                 for name, value in (("weight", getattr(predictor, f"fc{i}").kernel[...]),
+                                                     ("bias", getattr(predictor, f"fc{i}").bias[...]))},
+                                str(tmp_path / "aesthetic.safetensors"))
+    assert evaluate.main(["--images", str(folder), "--clip", str(tmp_path / "clip"), "--batch_size", "2",
+                          "--aesthetics", str(tmp_path / "aesthetic.safetensors"),
+                          "--aesthetics_clip", str(tmp_path / "clip")]) == 0
     report = json.loads((folder / "metrics.json").read_text())
     ids, _ = tokenize(tokenizer, prompts, 77)
     pixels = jnp.asarray(np.stack(images) / 127.5 - 1.0, jnp.float32)
-    want = metrics.clip_score(clip.load_clip_model(tmp_path / "clip"), pixels, jnp.asarray(ids))
+    model = clip.load_clip_model(tmp_path / "clip")
+    want = metrics.clip_score(model, pixels, jnp.asarray(ids))
     assert report["clip_score"] == pytest.approx(float(np.mean(want)), rel=1e-5)
+    aesthetic = metrics.aesthetic_score(model, predictor, pixels)
+    assert report["aesthetics"] == pytest.approx(float(np.mean(aesthetic)), rel=1e-5)
     (folder / "index.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="index.jsonl not found"):
         evaluate.read_prompts(folder)
