@@ -168,6 +168,20 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> NamedSha
     return NamedSharding(mesh, PartitionSpec(axes[0] if len(axes) == 1 else axes))
 
 
+def check_batch_layout(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> None:
+    """Refuse the one layout seen to miscompile: batch over ("data", "fsdp") with all three mesh
+    axes above 1. On XLA:CPU (jax 0.10.2) it gave Flux forward outputs off by ~10% and wrong
+    gradients (tests/test_flux_sharding.py); the same mesh with the batch over ("fsdp", "data")
+    matches one device, as do meshes that leave any axis at 1."""
+    batch = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+    if batch == ("data", "fsdp") and mesh.shape["tensor"] > 1:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} with sharding_rules.batch=('data', 'fsdp') is refused: XLA was seen "
+            "to compute wrong results for it. Set config.sharding_rules.batch=('fsdp', 'data') or leave one "
+            "of data / fsdp / tensor at 1"
+        )
+
+
 def batch_shards(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> int:
     """How many ways the batch dimension is split (product of the `batch` rule's mesh axes)."""
     return math.prod(mesh.shape[a] for a in rules.get("batch", ()))

@@ -162,6 +162,7 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     config_lib.validate_config(config)
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.resolve_rules(config.sharding_rules)
+    parallel.check_batch_layout(mesh, rules)
     config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), jax.process_count())
     task = get_task(config.task, config)
     optimizer, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
