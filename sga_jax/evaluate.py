@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from sga_jax import metrics
 from sga_jax.data.sources import IMAGE_EXTENSIONS
@@ -67,7 +68,7 @@ def generation_metrics(files: Sequence[Path]) -> dict[str, float]:
     scores = []
 
     def images() -> Iterator[np.ndarray]:
-        for path in files:
+        for path in tqdm(files, desc="GLCM + JPEG", unit="image", disable=None):
             image = read_rgb(path)
             scores.append(metrics.glcm_score(image))
             yield image
@@ -98,9 +99,9 @@ def reconstruction_metrics(files: Sequence[Path], reference: Path) -> dict[str, 
     return report
 
 
-def _batches(files: Sequence[Path], size: int) -> Iterator[np.ndarray]:
-    """Batches of images in [-1, 1]; a batch's images must share a size."""
-    for start in range(0, len(files), size):
+def _batches(files: Sequence[Path], size: int, desc: str) -> Iterator[np.ndarray]:
+    """Batches of images in [-1, 1], with a progress bar; a batch's images must share a size."""
+    for start in tqdm(range(0, len(files), size), desc=desc, unit="batch", disable=None):
         chunk = files[start : start + size]
         images = [to_model_range(read_rgb(p)) for p in chunk]
         for path, image in zip(chunk, images):
@@ -114,7 +115,7 @@ def dinov2_statistics(model: dinov2.Dinov2, files: Sequence[Path], batch_size: i
     """Streaming statistics of the DINOv2 CLS features of a set (images may differ in size
     across batches; within a batch they must agree)."""
     stats = metrics.FeatureStatistics(model.config.hidden_size)
-    for batch in _batches(files, batch_size):
+    for batch in _batches(files, batch_size, "DINOv2 features"):
         stats.update(metrics.dinov2_features(model, jnp.asarray(batch)))
     return stats
 
@@ -137,7 +138,7 @@ def clip_score_mean(model: clip.ClipModel, tokenizer: object, files: Sequence[Pa
         raise ValueError(f"no prompt in index.jsonl for {', '.join(missing[:5])}")
     length = model.text_model.config.max_position_embeddings
     scores = []
-    for start, batch in zip(range(0, len(files), batch_size), _batches(files, batch_size)):
+    for start, batch in zip(range(0, len(files), batch_size), _batches(files, batch_size, "CLIP score")):
         ids, _ = tokenize(tokenizer, [prompts[p.name] for p in files[start : start + batch_size]], length)
         scores.append(np.asarray(metrics.clip_score(model, jnp.asarray(batch), jnp.asarray(ids))))
     return float(np.concatenate(scores).mean())
@@ -147,7 +148,7 @@ def aesthetic_mean(clip_model: clip.ClipModel, predictor: metrics.AestheticPredi
                    batch_size: int) -> float:
     """Mean aesthetic score of the images."""
     scores = [np.asarray(metrics.aesthetic_score(clip_model, predictor, jnp.asarray(batch)))
-              for batch in _batches(files, batch_size)]
+              for batch in _batches(files, batch_size, "aesthetics")]
     return float(np.concatenate(scores).mean())
 
 

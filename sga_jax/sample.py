@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
+from tqdm import tqdm
 
 from sga_jax import convert
 from sga_jax.data.transforms import to_pixels
@@ -277,7 +278,7 @@ def generate(
     factor = ae.config.downsample_factor
     channels = model.config.in_channels // 4
     images = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=None):
         batch = list(prompts[start : start + batch_size])
         txt, txt_ids, vec = text_encoder(batch)
         latents = jnp.concatenate(
