@@ -171,8 +171,9 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> NamedSha
 def check_batch_layout(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> None:
     """Refuse the one layout seen to miscompile: batch over ("data", "fsdp") with all three mesh
     axes above 1. On XLA:CPU (jax 0.10.2) it gave Flux forward outputs off by ~10% and wrong
-    gradients (tests/test_flux_sharding.py); the same mesh with the batch over ("fsdp", "data")
-    matches one device, as do meshes that leave any axis at 1."""
+    gradients (tests/test_flux_sharding.py); a six-line gated residual in plain JAX reproduces it
+    (tests/test_parallel.py). The same mesh with the batch over ("fsdp", "data") matches one
+    device, as do meshes that leave any axis at 1."""
     batch = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
     if batch == ("data", "fsdp") and mesh.shape["tensor"] > 1:
         raise ValueError(
