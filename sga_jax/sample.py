@@ -20,7 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -271,13 +271,13 @@ def generate(
     guidance: float = 3.5,
     seed: int = 0,
     batch_size: int = 1,
-) -> np.ndarray:
-    """Prompts -> images (N, H, W, 3) in [-1, 1]. Image i starts from noise drawn with
+) -> Iterator[np.ndarray]:
+    """Prompts -> images in [-1, 1], yielded `batch_size` at a time as (n, H, W, 3) arrays (so a
+    long prompt list at 4K never sits in memory at once). Image i starts from noise drawn with
     `fold_in(key(seed), i)`, so it does not depend on the batch size."""
     key = jax.random.key(seed)
     factor = ae.config.downsample_factor
     channels = model.config.in_channels // 4
-    images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=None):
         batch = list(prompts[start : start + batch_size])
         txt, txt_ids, vec = text_encoder(batch)
@@ -286,8 +286,7 @@ def generate(
         )
         latents = sample_latents(model, txt, vec, height=height, width=width, steps=steps, guidance=guidance,
                                  latents=latents, txt_ids=txt_ids, vae_factor=factor)
-        images.append(np.asarray(decode_images(ae, latents))[:, :height, :width])
-    return np.concatenate(images)
+        yield np.asarray(decode_images(ae, latents))[:, :height, :width]
 
 
 def image_filename(index: int, prompt: str) -> str:
@@ -326,18 +325,20 @@ def main(argv: list[str] | None = None) -> int:
     model, ae, text_encoder = load_flux_folder(args.root, transformer=args.transformer, vae_weights=args.vae,
                                                vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention)
     steps = args.steps or (28 if model.config.guidance_embed else 4)
-    images = generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
-                      guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    batches = generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
+                       guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (prompt, image) in enumerate(zip(prompts, images)):
-        name = image_filename(i, prompt)
-        Image.fromarray(to_pixels(image)).save(out / name)
-        records.append({"file": name, "prompt": prompt, "seed": args.seed, "index": i, "height": args.height,
-                        "width": args.width, "steps": steps, "guidance": args.guidance})
-    (out / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"wrote {len(records)} images to {out} in {time.perf_counter() - start:.1f}s")
+    images = (image for batch in batches for image in batch)
+    with open(out / "index.jsonl", "w") as index:  # a line per image as it is written
+        for i, (prompt, image) in enumerate(zip(prompts, images)):
+            name = image_filename(i, prompt)
+            Image.fromarray(to_pixels(image)).save(out / name)
+            record = {"file": name, "prompt": prompt, "seed": args.seed, "index": i, "height": args.height,
+                      "width": args.width, "steps": steps, "guidance": args.guidance}
+            index.write(json.dumps(record) + "\n")
+            index.flush()
+    print(f"wrote {len(prompts)} images to {out} in {time.perf_counter() - start:.1f}s")
     return 0
 
 

@@ -56,7 +56,8 @@ def test_generate_equals_the_sampler_and_decoder_composed(flux_folder):
     model, ae, text_encoder = sample.load_flux_folder(flux_folder, dtype="float32", vae_f16=True)
     assert text_encoder.t5_length == 512  # a guidance-distilled (dev) model
     assert ae.config.downsample_factor == 16
-    images = sample.generate(model, ae, text_encoder, PROMPTS[:1], height=64, width=64, steps=3, seed=3)
+    images = np.concatenate(list(sample.generate(model, ae, text_encoder, PROMPTS[:1], height=64, width=64, steps=3,
+                                                 seed=3)))
     assert images.shape == (1, 64, 64, 3)
     txt, txt_ids, vec = text_encoder(PROMPTS[:1])
     factor = ae.config.downsample_factor
