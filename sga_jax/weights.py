@@ -407,6 +407,29 @@ def load_state(
     return _replace_values(abstract_state, loaded)
 
 
+def load_module(
+    build: Callable[[], nnx.Module],
+    reader: CheckpointReader,
+    key_map: KeyMap | Callable[[nnx.Module], KeyMap],
+    *,
+    shardings: Any = None,
+    ignore: Callable[[str], bool] = lambda k: False,
+) -> nnx.Module:
+    """The module `build()` makes, with its parameters streamed from `reader` by `load_state`.
+
+    The module is built abstractly (no random weights are drawn). `key_map` is a KeyMap or a
+    function of the abstract module returning one; `shardings` a State-shaped tree (or its pure
+    dict), or a function of the abstract parameter state returning one, since the shapes are only
+    known once the config is.
+    """
+    model = nnx.eval_shape(build)
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    rules = key_map(model) if callable(key_map) else key_map
+    return nnx.merge(graphdef, load_state(reader, rules, abstract, shardings=shardings, ignore=ignore), rest)
+
+
 def _replace_values(state: nnx.State, values: Mapping[str, Any]) -> nnx.State:
     flat = []
     for path, var in nnx.to_flat_state(state):

@@ -45,13 +45,11 @@ def load_aesthetic_predictor(path: str | os.PathLike) -> AestheticPredictor:
     first = f"layers.{CHECKPOINT_LAYERS[0]}.weight"
     if first not in reader:
         raise W.CheckpointError(f"{path}: not an aesthetic predictor (no {first!r})")
-    model = nnx.eval_shape(lambda: AestheticPredictor(reader.shape(first)[1], rngs=nnx.Rngs(0)))
-    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     key_map = {}
     for i, index in enumerate(CHECKPOINT_LAYERS):
         key_map[f"fc{i}.kernel"] = W.rule(f"layers.{index}.weight", transform=W.LINEAR)
         key_map[f"fc{i}.bias"] = W.rule(f"layers.{index}.bias")
-    return nnx.merge(graphdef, W.load_state(reader, key_map, abstract), rest)
+    return W.load_module(lambda: AestheticPredictor(reader.shape(first)[1], rngs=nnx.Rngs(0)), reader, key_map)
 
 
 @nnx.jit

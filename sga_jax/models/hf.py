@@ -39,6 +39,5 @@ def load_pretrained(path: str | os.PathLike, config: Any, model_class: type, key
     """Stream a checkpoint into `model_class(config with overrides)`, built abstractly (no random
     weights), each parameter placed into `shardings` (a State-shaped tree, optional) as it is read."""
     config = dataclasses.replace(config, **overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))))
-    state = W.load_state(W.CheckpointReader(path), key_map(config), abstract, shardings=shardings)
-    return nnx.merge(graphdef, state)
+    return W.load_module(lambda: model_class(config, rngs=nnx.Rngs(0)), W.CheckpointReader(path), key_map(config),
+                         shardings=shardings)

@@ -135,15 +135,8 @@ def load(path: str | os.PathLike, config: ClipTextConfig | None = None, *, shard
                   else infer_config(reader, **overrides))
     elif overrides:
         config = ClipTextConfig.from_dict({**config.to_dict(), **overrides})
-    model = nnx.eval_shape(lambda: ClipTextModel(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-    if callable(shardings):
-        shardings = shardings(abstract)
-    if shardings is not None and not isinstance(shardings, nnx.State):
-        shardings = nnx.State(shardings)
-    ignore = lambda key: key.startswith(_SKIPPED)
-    state = W.load_state(reader, key_map(config), abstract, shardings=shardings, ignore=ignore)
-    return nnx.merge(graphdef, state, rest)
+    return W.load_module(lambda: ClipTextModel(config, rngs=nnx.Rngs(0)), reader, key_map(config),
+                         shardings=shardings, ignore=lambda key: key.startswith(_SKIPPED))
 
 
 def save(model: ClipTextModel, path: str | os.PathLike, format: str = "transformers", *,
@@ -184,11 +177,7 @@ def load_clip_model(path: str | os.PathLike, *, shardings: Any = None, **overrid
     text_config = ClipTextConfig.from_hf_config(hf, **overrides)
     vision_config = ClipVisionConfig.from_hf_config(hf, **overrides)
     projection_dim = hf.get("projection_dim", 512)
-    model = nnx.eval_shape(lambda: ClipModel(text_config, vision_config, projection_dim, rngs=nnx.Rngs(0)))
-    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-    if callable(shardings):
-        shardings = shardings(abstract)
-    ignore = lambda key: key == "logit_scale" or key.endswith("position_ids")
-    state = W.load_state(W.CheckpointReader(path), clip_model_key_map(model), abstract, shardings=shardings,
-                         ignore=ignore)
-    return nnx.merge(graphdef, state, rest)
+    return W.load_module(
+        lambda: ClipModel(text_config, vision_config, projection_dim, rngs=nnx.Rngs(0)), W.CheckpointReader(path),
+        clip_model_key_map, shardings=shardings, ignore=lambda key: key == "logit_scale" or key.endswith("position_ids"),
+    )

@@ -249,11 +249,7 @@ def load(
         config = infer_config(path, **overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
-    graphdef, abstract = nnx.split(abstract_model(config), nnx.Param)
-    if shardings is not None and not isinstance(shardings, nnx.State):
-        shardings = nnx.State(shardings)
-    state = W.load_state(reader, key_map(config, fmt), abstract, shardings=shardings)
-    return nnx.merge(graphdef, state)
+    return W.load_module(lambda: Flux(config, rngs=nnx.Rngs(0)), reader, key_map(config, fmt), shardings=shardings)
 
 
 def _dtype(dtype: Any) -> np.dtype | None:

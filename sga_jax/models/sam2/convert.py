@@ -71,11 +71,6 @@ def _read_hf_json(path: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def abstract_model(config: Sam2HieraConfig) -> Sam2Hiera:
-    """The model's structure with shapes and dtypes only (no weights materialised)."""
-    return nnx.eval_shape(lambda: Sam2Hiera(config, rngs=nnx.Rngs(0)))
-
-
 def load(
     path: str | os.PathLike,
     config: Sam2HieraConfig | None = None,
@@ -96,11 +91,9 @@ def load(
         config = Sam2HieraConfig.from_hf_config(hf) if config is None else config
         prefix = PREFIXES.get(hf.get("model_type"), "") if prefix is None else prefix
     config = dataclasses.replace(config, **overrides)
-    graphdef, abstract = nnx.split(abstract_model(config))
     reader = W.CheckpointReader(path, prefix=prefix)
-    ignore = lambda key: not key.startswith(TRUNK_ROOTS)  # noqa: E731
-    state = W.load_state(reader, key_map(config), abstract, shardings=shardings, ignore=ignore)
-    return nnx.merge(graphdef, state)
+    return W.load_module(lambda: Sam2Hiera(config, rngs=nnx.Rngs(0)), reader, key_map(config), shardings=shardings,
+                         ignore=lambda key: not key.startswith(TRUNK_ROOTS))
 
 
 def to_hf_config(config: Sam2HieraConfig) -> dict[str, Any]:

@@ -109,14 +109,8 @@ def load(path: str | os.PathLike, config: T5Config | None = None, *, shardings: 
     embed_key = next((k for k in _EMBED_KEYS if k in reader), _EMBED_KEYS[0])
     skipped = set(_EMBED_KEYS) - {embed_key}
     ignore = lambda key: key in skipped or key.startswith(("decoder.", "lm_head."))
-    model = nnx.eval_shape(lambda: T5EncoderModel(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-    if callable(shardings):
-        shardings = shardings(abstract)
-    if shardings is not None and not isinstance(shardings, nnx.State):
-        shardings = nnx.State(shardings)
-    state = W.load_state(reader, key_map(config, embed_key), abstract, shardings=shardings, ignore=ignore)
-    return nnx.merge(graphdef, state, rest)
+    return W.load_module(lambda: T5EncoderModel(config, rngs=nnx.Rngs(0)), reader, key_map(config, embed_key),
+                         shardings=shardings, ignore=ignore)
 
 
 def save(model: T5EncoderModel, path: str | os.PathLike, format: str = "transformers", *,

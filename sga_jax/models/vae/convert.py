@@ -174,11 +174,9 @@ def load(
     config = config if config is not None else infer_config(reader, fmt)
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    abstract = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    rules = key_map(params, fmt, len(config.ch_mult))
-    params = W.load_state(reader, rules, params, shardings=shardings, ignore=ignore)
-    return nnx.merge(graphdef, params, rest)
+    rules = lambda model: key_map(nnx.state(model, nnx.Param), fmt, len(config.ch_mult))
+    return W.load_module(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)), reader, rules, shardings=shardings,
+                         ignore=ignore)
 
 
 def shardings_for(config: AutoEncoderConfig, mesh: jax.sharding.Mesh, rules: Any = None) -> dict:
