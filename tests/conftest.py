@@ -1,6 +1,13 @@
-"""Test-session setup: 8 simulated CPU devices (set before jax is imported) and shared fixtures."""
+"""Test-session setup: 8 simulated CPU devices (set before jax is imported), the torchvision stub
+(tests/stubs/sitecustomize.py, for this process and every subprocess) and shared fixtures."""
 
 import os
+import runpy
+from pathlib import Path
+
+STUBS = Path(__file__).parent / "stubs"
+runpy.run_path(str(STUBS / "sitecustomize.py"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(STUBS), os.environ.get("PYTHONPATH"))))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
