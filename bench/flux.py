@@ -27,7 +27,7 @@ from report import markdown_table, median_time, write_section  # noqa: E402
 
 from sga_jax import sample  # noqa: E402
 from sga_jax.models import flux  # noqa: E402
-from sga_jax.models import layers as L  # noqa: E402
+from sga_jax.models import nn  # noqa: E402
 
 CONFIG = dict(
     patch_size=1,
@@ -85,7 +85,7 @@ def jax_step(graphdef: nnx.GraphDef, params: nnx.State, x: dict[str, jax.Array])
 @functools.partial(jax.jit, static_argnums=1)
 def attention_grad(q: jax.Array, implementation: str) -> jax.Array:
     """Gradient of sum(attention(q, q, q)^2): one attention's forward + backward."""
-    return jax.grad(lambda q: jnp.sum(L.attention(q, q, q, implementation=implementation) ** 2))(q)
+    return jax.grad(lambda q: jnp.sum(nn.attention(q, q, q, implementation=implementation) ** 2))(q)
 
 
 def temp_mib(compiled: jax.stages.Compiled) -> float:
@@ -168,7 +168,7 @@ def main() -> None:
     rows.append({"implementation": "diffusers FluxTransformer2DModel (eager)", "median s": medians["torch"],
                  "vs PyTorch": 1.0, "compile s": 0.0, "XLA temp MiB": "-"})
     attention_rows = [
-        {"one attention, fwd+bwd": f"sga-jax layers.attention ({i})", "median s": medians[f"jax attention {i}"],
+        {"one attention, fwd+bwd": f"sga-jax nn.attention ({i})", "median s": medians[f"jax attention {i}"],
          "vs PyTorch": medians[f"jax attention {i}"] / medians["torch attention"]}
         for i in ("xla", "chunked")
     ]

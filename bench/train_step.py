@@ -30,7 +30,7 @@ def step_for(method: str, image: int, assets: str):
     """A jitted train step and its arguments for one alignment method."""
     os.environ["SGA_DEMO_ASSETS"] = assets
     from configs.demo import get_config
-    from sga_jax.train.flux_stage import _tokenizers, tokenize_captions
+    from sga_jax.stages.flux.task import _tokenizers, tokenize_captions
     from sga_jax.train.task import get_task
 
     config = get_config()

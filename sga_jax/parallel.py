@@ -269,7 +269,7 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> Cluster 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> Iterator[None]:
-    """Make `mesh` and `rules` the context that `sga_jax.models.layers.constrain` reads while
+    """Make `mesh` and `rules` the context that `sga_jax.models.nn.constrain` reads while
     tracing, so models constrain activations by logical names without knowing the mesh."""
     pairs = tuple((name, axes[0] if len(axes) == 1 else (axes or None)) for name, axes in rules.items())
     with jax.set_mesh(mesh), spmd.logical_axis_rules(pairs):

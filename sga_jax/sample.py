@@ -29,7 +29,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from sga_jax import convert
+from sga_jax.weights import converted
 from sga_jax.data.transforms import to_pixels
 from sga_jax.encode import default_text_config, text_encoder_from_config
 from sga_jax.models import vae
@@ -244,13 +244,13 @@ def load_flux_folder(
     attention: str = "chunked",
 ) -> tuple[nnx.Module, vae.AutoEncoder, TextEncoder]:
     """(Flux transformer, VAE, text encoder) of a Flux.1 folder; `transformer` / `vae_weights`
-    replace the folder's own (any format `sga_jax.convert.load_model` reads); `vae_f16` runs F8 VAE
+    replace the folder's own (any format `sga_jax.weights.converted.load_model` reads); `vae_f16` runs F8 VAE
     weights in the paper's F16 form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512
     tokens for guidance-distilled (dev) models and 256 otherwise (schnell), as BFL."""
-    model = convert.load_model("flux", transformer or flux_folder_weights(root, "flux"),
+    model = converted.load_model("flux", transformer or flux_folder_weights(root, "flux"),
                                dtype=dtype, param_dtype=dtype, attention=attention)
     vae_overrides = {"f16": True} if vae_f16 else {}
-    ae = convert.load_model("vae", vae_weights or flux_folder_weights(root, "vae"), dtype=dtype, param_dtype=dtype,
+    ae = converted.load_model("vae", vae_weights or flux_folder_weights(root, "vae"), dtype=dtype, param_dtype=dtype,
                             **vae_overrides)
     text_config = default_text_config()
     text_config.root = str(root)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.models import dinov2
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from tests.torch_reference import assert_close_relative, nchw_to_nhwc, randomize_, to_numpy
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7)
@@ -112,5 +112,5 @@ def test_bicubic_resize_is_pytorch_interpolate(sizes, antialias):
     (n_in, n_out) = sizes
     table = torch.randn(1, 3, n_in, n_in + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.interpolate(table, size=(n_out, n_out + 2), mode="bicubic", align_corners=False, antialias=antialias)
-    got = L.resize_bicubic_torch(jnp.asarray(nchw_to_nhwc(table)), (n_out, n_out + 2), antialias=antialias)
+    got = nn.resize_bicubic_torch(jnp.asarray(nchw_to_nhwc(table)), (n_out, n_out + 2), antialias=antialias)
     assert_close_relative(got, nchw_to_nhwc(want), 1e-6, f"bicubic {sizes} antialias={antialias}")

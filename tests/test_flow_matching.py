@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import pywt
 
-from sga_jax.train import flow_matching as fm
+from sga_jax.stages.flux import flow_matching as fm
 
 
 def test_haar_dwt_equals_pywavelets():

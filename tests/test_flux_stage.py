@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from sga_jax import parallel, sample
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.flux.model import timestep_embedding
 from sga_jax.train import loop, state as state_lib
 from sga_jax.train.task import get_task
@@ -58,7 +58,7 @@ def _models(task, config):
 def _batch(task, config, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.uniform(-1, 1, size=(batch, IMAGE, IMAGE, 3)).astype(np.float32)
-    from sga_jax.train.flux_stage import _tokenizers, tokenize_captions
+    from sga_jax.stages.flux.task import _tokenizers, tokenize_captions
 
     tokens = tokenize_captions(_tokenizers(task.text_paths), config.text, ["a cat", "a rocket at dawn"][:batch] * (batch // 2))
     return {"image": jnp.asarray(images), **{k: jnp.asarray(v) for k, v in tokens.items()}}
@@ -130,7 +130,7 @@ def test_tapped_hidden_state_is_block_k_image_stream(sga_setup):
         # manual forward: the same embeddings, then double blocks 0..k one at a time, unscanned
         x, c = model.img_in(img), model.txt_in(txt)
         vec = model.time_in(timestep_embedding(t)) + model.guidance_in(timestep_embedding(guidance)) + model.vector_in(y)
-        rope = L.axial_rope(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim, cfg.theta)
+        rope = nn.axial_rope(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim, cfg.theta)
         graphdef, stacked = nnx.split(model.double_blocks)
         for i in range(k + 1):
             block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
@@ -228,7 +228,7 @@ def test_training_run_exports_flux_that_diffusers_loads(demo_config, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     from sga_jax.train.checkpoint import Checkpointer
-    from sga_jax.train.export import export_flux
+    from sga_jax.train.export import export_run
 
     config = demo_config(**{"total_steps": 2, "checkpoint_every": 2, "log_every": 1, "sample_every": 2,
                             "sample.height": 64, "sample.width": 64, "sample.steps": 2, "sample.prompts": ("a cat",)})
@@ -236,7 +236,7 @@ def test_training_run_exports_flux_that_diffusers_loads(demo_config, tmp_path):
     run = loop.build_run(config, jax.devices()[:1])
     loop.train(config, workdir, run=run)
     assert (workdir / "samples" / "step_000002.png").is_file() and (workdir / "loss_curve.png").is_file()
-    assert export_flux(workdir, tmp_path / "export", format="diffusers") == 2
+    assert export_run(workdir, tmp_path / "export", format="diffusers") == 2
 
     model = FluxTransformer2DModel.from_pretrained(tmp_path / "export", low_cpu_mem_usage=False)
     target = state_lib.with_shardings(run.setup.abstract_state, run.setup.state_shardings)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sga_jax.align import geometry as geo
-from sga_jax.geometry import main as geometry_main
+from sga_jax.geometry.__main__ import main as geometry_main
 
 PROPERTY = settings(max_examples=20, deadline=None)
 # A few shapes only, so that jax compiles each op a handful of times: (N, C)

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
+from sga_jax.models.nn.attention import _chunked_attention
 
 
 def _qkv(seed=0, b=2, lq=5, lk=7, h=3, d=8):
@@ -36,7 +37,7 @@ def test_attention_matches_torch_sdpa(case):
         kwargs["mask"], theirs["attn_mask"] = jnp.asarray(mask), torch.from_numpy(mask)
     if case == "causal":
         kwargs["is_causal"] = theirs["is_causal"] = True
-    ours = np.asarray(L.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), **kwargs))
+    ours = np.asarray(nn.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), **kwargs))
     np.testing.assert_allclose(ours, _torch_sdpa(q, k, v, **theirs), rtol=1e-5, atol=1e-5)
 
 
@@ -53,9 +54,9 @@ def test_chunked_attention_values_and_gradients_match_torch(lq, lk, block, scale
     weights = np.random.default_rng(3).normal(size=q.shape).astype(np.float32)
 
     def loss(q, k, v):
-        return jnp.sum(L._chunked_attention(q, k, v, scale=scale, query_block=block) * weights)
+        return jnp.sum(_chunked_attention(q, k, v, scale=scale, query_block=block) * weights)
 
-    out = L._chunked_attention(*(jnp.asarray(x) for x in (q, k, v)), scale=scale, query_block=block)
+    out = _chunked_attention(*(jnp.asarray(x) for x in (q, k, v)), scale=scale, query_block=block)
     grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x) for x in (q, k, v)))
     expected_out, expected_grads = _torch_sdpa_with_grads(q, k, v, weights, scale)
     np.testing.assert_allclose(np.asarray(out), expected_out, rtol=1e-5, atol=1e-5)
@@ -65,8 +66,8 @@ def test_chunked_attention_values_and_gradients_match_torch(lq, lk, block, scale
 
 def test_chunked_attention_in_bfloat16_follows_float32():
     q, k, v = (jnp.asarray(x) for x in _qkv(lq=40, lk=40))
-    exact = L.attention(q, k, v, implementation="chunked")
-    half = L.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), implementation="chunked")
+    exact = nn.attention(q, k, v, implementation="chunked")
+    half = nn.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), implementation="chunked")
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half, np.float32), np.asarray(exact), atol=3e-2)
 
@@ -77,13 +78,13 @@ def test_chunked_attention_refuses_bias_and_masks(argument):
     shape = (1, 1, q.shape[1], k.shape[1])
     value = {"bias": jnp.zeros(shape), "mask": jnp.ones(shape, bool), "is_causal": True}[argument]
     with pytest.raises(ValueError, match='"chunked" takes no bias, mask or is_causal'):
-        L.attention(q, k, v, implementation="chunked", **{argument: value})
+        nn.attention(q, k, v, implementation="chunked", **{argument: value})
 
 
 def test_unknown_attention_implementation_is_refused():
     q, k, v = (jnp.asarray(x) for x in _qkv())
     with pytest.raises(ValueError, match="not one of"):
-        L.attention(q, k, v, implementation="flash")
+        nn.attention(q, k, v, implementation="flash")
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
@@ -91,7 +92,7 @@ def test_rope_rotation_matches_a_complex_multiplication(interleaved):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 4, 3, 8)).astype(np.float32)
     angles = rng.uniform(-3, 3, size=(2, 4, 4)).astype(np.float32)
-    out = np.asarray(L.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles), interleaved=interleaved))
+    out = np.asarray(nn.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles), interleaved=interleaved))
     if interleaved:
         z = x[..., 0::2] + 1j * x[..., 1::2]
     else:

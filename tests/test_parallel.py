@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sga_jax import parallel
-from sga_jax.models import layers
+from sga_jax.models import nn
 
 RULES = parallel.resolve_rules(None)
 
@@ -57,7 +57,7 @@ def test_logical_to_spec():
 
 def test_state_shardings_follow_logical_axes_and_skip_size_one_axes():
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4})  # tensor has size 1
-    model = nnx.eval_shape(lambda: layers.linear(8, 32, ("embed", "mlp"), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: nn.linear(8, 32, ("embed", "mlp"), rngs=nnx.Rngs(0)))
     shardings = parallel.state_shardings(nnx.state(model, nnx.Param), mesh, RULES)
     assert shardings["kernel"].spec == P("fsdp")
     assert shardings["bias"].spec == P()
@@ -83,7 +83,7 @@ def test_per_device_bytes():
 def test_activation_sharding_context_reaches_layers_constrain():
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
     with parallel.activation_sharding(mesh, RULES):
-        out = jax.jit(lambda x: layers.constrain(x * 2, ("batch", "embed")))(jnp.ones((8, 4)))
+        out = jax.jit(lambda x: nn.constrain(x * 2, ("batch", "embed")))(jnp.ones((8, 4)))
     assert out.sharding.spec == P(("data", "fsdp"))
 
 

@@ -9,19 +9,19 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from sga_jax import weights as W
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 
 
 class _Block(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.qkv = L.linear(4, 12, rngs=rngs)
-        self.norm = L.RMSNorm(4)
+        self.qkv = nn.linear(4, 12, rngs=rngs)
+        self.norm = nn.RMSNorm(4)
 
 
 class _Model(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
-        self.blocks = L.stack_layers(_Block, 2, rngs)
-        self.out = L.linear(4, 6, rngs=rngs)
+        self.blocks = nn.stack_layers(_Block, 2, rngs)
+        self.out = nn.linear(4, 6, rngs=rngs)
 
 
 KEY_MAP = {

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sga_jax.align.pool import Grid, adaptive_avg_pool, grid_for_long_edge, grid_to_tokens, tokens_to_grid
-from sga_jax.models import layers
+from sga_jax.models import nn
 
 
 def _pool_to(x: jax.Array, out_grid: Sequence[int] | None, long_edge: int | None) -> tuple[jax.Array, Grid]:
@@ -44,8 +44,8 @@ class SGAHead(nnx.Module):
         kernel_size: int = 3,
         stride: int = 1,
         long_edge: int | None = None,
-        dtype: layers.Dtype = None,
-        param_dtype: layers.Dtype = jnp.float32,
+        dtype: nn.Dtype = None,
+        param_dtype: nn.Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         if kernel_size < 1 or stride < 1:
@@ -54,7 +54,7 @@ class SGAHead(nnx.Module):
         self.stride = stride
         self.padding = (kernel_size - 1) // 2
         self.long_edge = long_edge
-        self.conv = layers.conv(
+        self.conv = nn.conv(
             in_features,
             out_features,
             kernel_size,
@@ -89,8 +89,8 @@ class IREPAHead(SGAHead):
         *,
         kernel_size: int = 1,
         long_edge: int | None = None,
-        dtype: layers.Dtype = None,
-        param_dtype: layers.Dtype = jnp.float32,
+        dtype: nn.Dtype = None,
+        param_dtype: nn.Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         super().__init__(
@@ -115,15 +115,15 @@ class REPAHead(nnx.Module):
         *,
         hidden: int = 2048,
         long_edge: int | None = None,
-        dtype: layers.Dtype = None,
-        param_dtype: layers.Dtype = jnp.float32,
+        dtype: nn.Dtype = None,
+        param_dtype: nn.Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.long_edge = long_edge
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = layers.linear(in_features, hidden, ("embed", "mlp"), **kw)
-        self.fc2 = layers.linear(hidden, hidden, ("mlp", None), **kw)
-        self.fc3 = layers.linear(hidden, out_features, ("mlp", "embed"), **kw)
+        self.fc1 = nn.linear(in_features, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = nn.linear(hidden, hidden, ("mlp", None), **kw)
+        self.fc3 = nn.linear(hidden, out_features, ("mlp", "embed"), **kw)
 
     def __call__(
         self, x: jax.Array, grid: Sequence[int], out_grid: Sequence[int] | None = None

@@ -17,7 +17,7 @@ from flax import nnx
 from sga_jax import weights as W
 from sga_jax.metrics.clip_score import clip_pixels
 from sga_jax.models import clip
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 
 WIDTHS = (1024, 128, 64, 16, 1)
 CHECKPOINT_LAYERS = (0, 2, 4, 6, 7)  # nn.Sequential indices: dropouts sit between the linears
@@ -29,7 +29,7 @@ class AestheticPredictor(nnx.Module):
     def __init__(self, input_size: int = 768, *, rngs: nnx.Rngs):
         widths = (input_size, *WIDTHS)
         self.fc0, self.fc1, self.fc2, self.fc3, self.fc4 = (
-            L.linear(a, b, (None, None), rngs=rngs) for a, b in zip(widths[:-1], widths[1:])
+            nn.linear(a, b, (None, None), rngs=rngs) for a, b in zip(widths[:-1], widths[1:])
         )
 
     def __call__(self, embeddings: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -23,7 +23,7 @@ class ModelConfig:
     policy. Families whose attention needs a bias or mask narrow `attention_implementations`.
     """
 
-    attention_implementations: tuple[str, ...] = L.ATTENTION_IMPLEMENTATIONS
+    attention_implementations: tuple[str, ...] = nn.ATTENTION_IMPLEMENTATIONS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `from_dict` inverts it."""
@@ -43,8 +43,8 @@ class ModelConfig:
         problems = []
         if self.attention not in self.attention_implementations:
             problems.append(f"attention {self.attention!r} is not one of {self.attention_implementations}")
-        if self.remat not in L.REMAT_POLICIES:
-            problems.append(f"remat {self.remat!r} is not one of {L.REMAT_POLICIES}")
+        if self.remat not in nn.REMAT_POLICIES:
+            problems.append(f"remat {self.remat!r} is not one of {nn.REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 
 
 def square_size(hf: dict[str, Any], name: str, default: int) -> int:
@@ -44,16 +44,16 @@ class LayerScaleBlock(nnx.Module):
     and MLP modules. Extra call arguments go to the attention (e.g. DINOv3's RoPE tables)."""
 
     def __init__(self, config: Any, attention: nnx.Module, mlp: nnx.Module, *, rngs: nnx.Rngs):
-        pdt = L.dtype_of(config.param_dtype)
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype), param_dtype=pdt)
-        self.norm1 = L.layer_norm(config.hidden_size, **kw)
+        pdt = nn.dtype_of(config.param_dtype)
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=nn.dtype_of(config.dtype), param_dtype=pdt)
+        self.norm1 = nn.layer_norm(config.hidden_size, **kw)
         self.attention = attention
         self.layer_scale1 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
-        self.norm2 = L.layer_norm(config.hidden_size, **kw)
+        self.norm2 = nn.layer_norm(config.hidden_size, **kw)
         self.mlp = mlp
         self.layer_scale2 = LayerScale(config.hidden_size, config.layerscale_value, pdt)
 
     def __call__(self, x: jax.Array, *attention_args: Any) -> jax.Array:
         x = x + self.layer_scale1(self.attention(self.norm1(x), *attention_args))
         x = x + self.layer_scale2(self.mlp(self.norm2(x)))
-        return L.constrain(x, ("batch", "length", "embed"))
+        return nn.constrain(x, ("batch", "length", "embed"))

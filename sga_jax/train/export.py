@@ -1,9 +1,15 @@
-"""Trained weights back out: `python -m sga_jax.train.export --workdir RUN --out DIR [--format diffusers]`.
+"""Trained weights back out: `python -m sga_jax.train.export --workdir RUN --out DIR [--format F]`.
 
-Reads the Flux parameters (the EMA ones with `--ema`) of a training checkpoint of a `flux_sga` run
-(the latest, or `--step`), and writes them with `flux.save` in diffusers' layout (loads
-in `FluxTransformer2DModel.from_pretrained`) or BFL's (`flux1-dev.safetensors` names). The head is
-training-only and is not exported.
+Reads a training checkpoint of a run (the latest, or `--step`; the EMA parameters with `--ema`)
+and hands the parameters to the run's task, which writes them in one of its `export_formats`
+(stage 2: Flux in diffusers' layout, loaded by `FluxTransformer2DModel.from_pretrained`, or BFL's
+`flux1-dev.safetensors` names). Only the parameters the task asks for are read from the checkpoint
+(an orbax partial restore onto one device): the optimizer state, training-only heads and other
+players are never loaded.
+
+A task that can export has the attribute `export_formats` (a tuple, the first is the default) and
+the hook ``export(read, out, *, format, dtype)``, where ``read(name, abstract)`` returns the pure
+dict of parameters `params[name]` (or `ema[name]`) of the checkpoint, shaped like `abstract`.
 """
 
 from __future__ import annotations
@@ -12,50 +18,66 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from sga_jax.models import flux
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.task import get_task
 
+ParamReader = Callable[[str, Any], dict]
 
-def export_flux(workdir: str | Path, out: str | Path, *, step: int | None = None, ema: bool = False,
-                format: str = "diffusers", dtype: str | None = None) -> int:
-    """Write the Flux weights of checkpoint `step` (default: latest) of run `workdir`; returns the step.
 
-    Only the Flux parameters are read from the checkpoint (an orbax partial restore), one device's
-    worth: the optimizer state and the head are never loaded.
-    """
+def checkpoint_reader(workdir: str | Path, step: int, *, ema: bool = False) -> ParamReader:
+    """`read(name, abstract)`: the parameters under `name` of checkpoint `step` of run `workdir`
+    (`params` or, with `ema`, the EMA), restored onto the first local device."""
+    path = (Path(workdir) / "checkpoints" / str(step) / "state").absolute()
+    branch = "ema" if ema else "params"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def read(name: str, abstract: Any) -> dict:
+        item = {branch: {name: abstract}}
+        restore_args = {branch: {name: jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)}}
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        except (KeyError, ValueError) as err:
+            hint = " (the run keeps no EMA: optimizer.ema_decay = 0)" if ema else ""
+            raise ValueError(f"{path}: cannot read {branch}/{name}{hint}: {err}") from err
+        return restored[branch][name]
+
+    return read
+
+
+def run_task(workdir: str | Path) -> tuple[ml_collections.ConfigDict, Any]:
+    """(resolved config, configured task) of the run in `workdir`, from its config.json."""
     workdir = Path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    task = get_task(config.task, config)
-    networks = getattr(task, "networks", None)
-    if networks is None or not hasattr(networks, "flux"):
-        raise ValueError(f"{workdir}: task {config.task!r} has no Flux model to export")
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a training work directory")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    return config, get_task(config.task, config)
+
+
+def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None, ema: bool = False,
+               format: str | None = None, dtype: str | None = None) -> int:
+    """Export checkpoint `step` (default: latest) of run `workdir` to `out` in `format` (default:
+    the task's first export format); returns the step exported."""
+    config, task = run_task(workdir)
+    formats = tuple(getattr(task, "export_formats", ()))
+    if not formats:
+        raise ValueError(f"{workdir}: task {config.task!r} has nothing to export")
+    format = format or formats[0]
+    if format not in formats:
+        raise ValueError(f"--format {format!r}: task {config.task!r} exports {formats}")
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
     checkpointer.close()
     if step is None:
-        raise ValueError(f"{workdir / 'checkpoints'}: no finalised checkpoint")
-    graphdef, weights = nnx.split(flux.abstract_model(networks.flux), nnx.Param)
-    abstract = nnx.to_pure_dict(weights)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    branch = "ema" if ema else "params"
-    item = {branch: {"flux": abstract}}
-    restore_args = {branch: {"flux": jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)}}
-    path = (workdir / "checkpoints" / str(step) / "state").absolute()
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    except (KeyError, ValueError) as err:
-        hint = " (the run keeps no EMA: optimizer.ema_decay = 0)" if ema else ""
-        raise ValueError(f"{path}: cannot read {branch}/flux{hint}: {err}") from err
-    nnx.replace_by_pure_dict(weights, restored[branch]["flux"])
-    flux.save(nnx.merge(graphdef, weights), out, format=format, dtype=dtype)
+        raise ValueError(f"{Path(workdir) / 'checkpoints'}: no finalised checkpoint")
+    task.export(checkpoint_reader(workdir, step, ema=ema), out, format=format, dtype=dtype)
     return step
 
 
@@ -66,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (diffusers) or .safetensors file (bfl)")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
-    parser.add_argument("--format", default="diffusers", choices=flux.FORMATS)
+    parser.add_argument("--format", default=None, help="one of the task's export formats (default: its first)")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
     args = parser.parse_args(argv)
-    step = export_flux(args.workdir, args.out, step=args.step, ema=args.ema, format=args.format, dtype=args.dtype)
-    print(f"exported Flux of {args.workdir} step {step} ({args.format}) to {args.out}")
+    step = export_run(args.workdir, args.out, step=args.step, ema=args.ema, format=args.format, dtype=args.dtype)
+    print(f"exported {args.workdir} step {step} ({args.format or 'default format'}) to {args.out}")
     return 0
 
 

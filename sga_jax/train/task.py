@@ -68,7 +68,7 @@ from jax.sharding import Mesh
 
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
-    "flux_sga": "sga_jax.train.flux_stage:FluxSGATask",
+    "flux_sga": "sga_jax.stages.flux:FluxSGATask",
 }
 
 

@@ -19,32 +19,32 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sga_jax import parallel
-from sga_jax.models import layers
+from sga_jax.models import nn
 
 
 class ResidualBlock(nnx.Module):
     """x + down(gelu(up(norm(x))))."""
 
     def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs):
-        self.norm = layers.layer_norm(width, rngs=rngs)
-        self.up = layers.linear(width, hidden, ("embed", "mlp"), rngs=rngs)
-        self.down = layers.linear(hidden, width, ("mlp", "embed"), rngs=rngs)
+        self.norm = nn.layer_norm(width, rngs=rngs)
+        self.up = nn.linear(width, hidden, ("embed", "mlp"), rngs=rngs)
+        self.down = nn.linear(hidden, width, ("mlp", "embed"), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.down(layers.gelu_tanh(self.up(self.norm(x))))
+        return x + self.down(nn.gelu_tanh(self.up(self.norm(x))))
 
 
 class Student(nnx.Module):
     """features -> width -> `depth` stacked residual blocks -> features."""
 
     def __init__(self, features: int, width: int, hidden: int, depth: int, *, rngs: nnx.Rngs):
-        self.inp = layers.linear(features, width, (None, "embed"), rngs=rngs)
-        self.blocks = layers.stack_layers(lambda r: ResidualBlock(width, hidden, rngs=r), depth, rngs)
-        self.out = layers.linear(width, features, ("embed", None), rngs=rngs)
+        self.inp = nn.linear(features, width, (None, "embed"), rngs=rngs)
+        self.blocks = nn.stack_layers(lambda r: ResidualBlock(width, hidden, rngs=r), depth, rngs)
+        self.out = nn.linear(width, features, ("embed", None), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        h = layers.constrain(self.inp(x), ("batch", "embed"))
-        h = layers.scan_layers(self.blocks, h, lambda block, carry, _: block(carry))
+        h = nn.constrain(self.inp(x), ("batch", "embed"))
+        h = nn.scan_layers(self.blocks, h, lambda block, carry, _: block(carry))
         return self.out(h), h
 
 
@@ -52,8 +52,8 @@ class Teacher(nnx.Module):
     """A fixed random two-layer MLP, the regression target."""
 
     def __init__(self, features: int, hidden: int, *, rngs: nnx.Rngs):
-        self.up = layers.linear(features, hidden, (None, "mlp"), rngs=rngs)
-        self.down = layers.linear(hidden, features, ("mlp", None), rngs=rngs)
+        self.up = nn.linear(features, hidden, (None, "mlp"), rngs=rngs)
+        self.down = nn.linear(hidden, features, ("mlp", None), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jnp.tanh(self.up(x)))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models import vit
 from sga_jax.models.config import ModelConfig
 
@@ -60,7 +60,7 @@ class ClipTextConfig(ModelConfig):
         self.check_positive_ints("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                  "num_attention_heads", "max_position_embeddings")
         self.check_heads()
-        L.activation(self.hidden_act)
+        nn.activation(self.hidden_act)
         self.check_run_settings()
 
     @property
@@ -123,14 +123,14 @@ class ClipTextEmbeddings(nnx.Module):
     """Token embedding plus learned absolute position embedding."""
 
     def __init__(self, config: ClipTextConfig, *, rngs: nnx.Rngs):
-        param_dtype = L.dtype_of(config.param_dtype)
+        param_dtype = nn.dtype_of(config.param_dtype)
         self.token_embedding = nnx.Embed(
             config.vocab_size, config.hidden_size, param_dtype=param_dtype,
-            embedding_init=L.logical(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs,
+            embedding_init=nn.logical(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs,
         )
         self.position_embedding = nnx.Embed(
             config.max_position_embeddings, config.hidden_size, param_dtype=param_dtype,
-            embedding_init=L.logical(nnx.initializers.normal(0.01), (None, "embed")), rngs=rngs,
+            embedding_init=nn.logical(nnx.initializers.normal(0.01), (None, "embed")), rngs=rngs,
         )
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -147,11 +147,11 @@ class ClipAttention(nnx.Module):
 
     def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
         dim = config.hidden_size
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.q_proj = L.linear(dim, dim, ("embed", "heads"), **kw)
-        self.k_proj = L.linear(dim, dim, ("embed", "heads"), **kw)
-        self.v_proj = L.linear(dim, dim, ("embed", "heads"), **kw)
-        self.out_proj = L.linear(dim, dim, ("heads", "embed"), **kw)
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.q_proj = nn.linear(dim, dim, ("embed", "heads"), **kw)
+        self.k_proj = nn.linear(dim, dim, ("embed", "heads"), **kw)
+        self.v_proj = nn.linear(dim, dim, ("embed", "heads"), **kw)
+        self.out_proj = nn.linear(dim, dim, ("heads", "embed"), **kw)
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.implementation = config.attention
@@ -161,7 +161,7 @@ class ClipAttention(nnx.Module):
         batch, length, dim = x.shape
         split = lambda t: t.reshape(batch, length, self.num_heads, self.head_dim)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = L.attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
+        out = nn.attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
         return self.out_proj(out.reshape(batch, length, dim))
 
 
@@ -169,42 +169,42 @@ class ClipMLP(nnx.Module):
     """fc1 -> activation -> fc2."""
 
     def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.fc1 = L.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-        self.fc2 = L.linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
-        self.act = L.activation(config.hidden_act)
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.fc1 = nn.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+        self.fc2 = nn.linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+        self.act = nn.activation(config.hidden_act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(L.constrain(self.act(self.fc1(x)), ("batch", "length", "mlp")))
+        return self.fc2(nn.constrain(self.act(self.fc1(x)), ("batch", "length", "mlp")))
 
 
 class ClipEncoderLayer(nnx.Module):
     """Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype),
-                  param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=nn.dtype_of(config.dtype),
+                  param_dtype=nn.dtype_of(config.param_dtype))
         self.self_attn = ClipAttention(config, causal=causal, rngs=rngs)
-        self.layer_norm1 = L.layer_norm(config.hidden_size, **kw)
+        self.layer_norm1 = nn.layer_norm(config.hidden_size, **kw)
         self.mlp = ClipMLP(config, rngs=rngs)
-        self.layer_norm2 = L.layer_norm(config.hidden_size, **kw)
+        self.layer_norm2 = nn.layer_norm(config.hidden_size, **kw)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x), mask).astype(x.dtype)
         x = x + self.mlp(self.layer_norm2(x)).astype(x.dtype)
-        return L.constrain(x, ("batch", "length", "embed"))
+        return nn.constrain(x, ("batch", "length", "embed"))
 
 
 class ClipEncoder(nnx.Module):
     """The stacked layers, run with `lax.scan`."""
 
     def __init__(self, config: "ClipTextConfig | ClipVisionConfig", *, causal: bool, rngs: nnx.Rngs):
-        self.layers = L.stack_layers(lambda r: ClipEncoderLayer(config, causal=causal, rngs=r),
+        self.layers = nn.stack_layers(lambda r: ClipEncoderLayer(config, causal=causal, rngs=r),
                                      config.num_hidden_layers, rngs)
         self.remat = config.remat
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        return L.scan_layers(self.layers, x, lambda layer, carry, _: layer(carry, mask), remat_policy=self.remat)
+        return nn.scan_layers(self.layers, x, lambda layer, carry, _: layer(carry, mask), remat_policy=self.remat)
 
 
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
@@ -231,16 +231,16 @@ class ClipTextModel(nnx.Module):
         self.config = config
         self.embeddings = ClipTextEmbeddings(config, rngs=rngs)
         self.encoder = ClipEncoder(config, causal=True, rngs=rngs)
-        self.final_layer_norm = L.layer_norm(
+        self.final_layer_norm = nn.layer_norm(
             config.hidden_size, rngs=rngs, eps=config.layer_norm_eps,
-            dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype),
+            dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype),
         )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-        dtype = L.dtype_of(self.config.dtype)
-        x = L.constrain(self.embeddings(input_ids).astype(dtype), ("batch", "length", "embed"))
+        dtype = nn.dtype_of(self.config.dtype)
+        x = nn.constrain(self.embeddings(input_ids).astype(dtype), ("batch", "length", "embed"))
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         hidden = self.final_layer_norm(self.encoder(x, mask)).astype(dtype)
         pooled = jnp.take_along_axis(hidden, eos_positions(input_ids, self.config.eos_token_id)[:, None, None], axis=1)[:, 0]
@@ -271,7 +271,7 @@ class ClipVisionConfig(ModelConfig):
         self.check_heads()
         if self.image_size % self.patch_size:
             raise ValueError(f"ClipVisionConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        L.activation(self.hidden_act)
+        nn.activation(self.hidden_act)
         self.check_run_settings()
 
     @property
@@ -298,16 +298,16 @@ class ClipVisionEmbeddings(nnx.Module):
     """Patch convolution (no bias) + learned class token + learned absolute positions."""
 
     def __init__(self, config: ClipVisionConfig, *, rngs: nnx.Rngs):
-        param_dtype = L.dtype_of(config.param_dtype)
-        self.patch_embedding = L.conv(
+        param_dtype = nn.dtype_of(config.param_dtype)
+        self.patch_embedding = nn.conv(
             config.num_channels, config.hidden_size, config.patch_size, strides=config.patch_size,
-            padding="VALID", use_bias=False, rngs=rngs, dtype=L.dtype_of(config.dtype),
+            padding="VALID", use_bias=False, rngs=rngs, dtype=nn.dtype_of(config.dtype),
             param_dtype=param_dtype, axes=(None, "embed"),
         )
         self.class_embedding = vit.learned_token((config.hidden_size,), rngs, param_dtype)
         self.position_embedding = nnx.Embed(
             config.num_patches + 1, config.hidden_size, param_dtype=param_dtype,
-            embedding_init=L.logical(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs,
+            embedding_init=nn.logical(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs,
         )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -334,19 +334,19 @@ class ClipVisionModel(nnx.Module):
 
     def __init__(self, config: ClipVisionConfig, *, rngs: nnx.Rngs):
         self.config = config
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype),
-                  param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=nn.dtype_of(config.dtype),
+                  param_dtype=nn.dtype_of(config.param_dtype))
         self.embeddings = ClipVisionEmbeddings(config, rngs=rngs)
-        self.pre_layrnorm = L.layer_norm(config.hidden_size, **kw)
+        self.pre_layrnorm = nn.layer_norm(config.hidden_size, **kw)
         self.encoder = ClipEncoder(config, causal=False, rngs=rngs)
-        self.post_layernorm = L.layer_norm(config.hidden_size, **kw)
+        self.post_layernorm = nn.layer_norm(config.hidden_size, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.config.num_channels:
             raise ValueError(f"pixel_values must be (B, H, W, {self.config.num_channels}), got {pixel_values.shape}")
-        dtype = L.dtype_of(self.config.dtype)
+        dtype = nn.dtype_of(self.config.dtype)
         x = self.pre_layrnorm(self.embeddings(pixel_values.astype(dtype)))
-        hidden = self.encoder(L.constrain(x, ("batch", "length", "embed")), None).astype(dtype)
+        hidden = self.encoder(nn.constrain(x, ("batch", "length", "embed")), None).astype(dtype)
         return hidden, self.post_layernorm(hidden[:, 0]).astype(dtype)
 
 
@@ -359,10 +359,10 @@ class ClipModel(nnx.Module):
         self.projection_dim = projection_dim
         self.text_model = ClipTextModel(text_config, rngs=rngs)
         self.vision_model = ClipVisionModel(vision_config, rngs=rngs)
-        kw = dict(rngs=rngs, use_bias=False, dtype=L.dtype_of(text_config.dtype),
-                  param_dtype=L.dtype_of(text_config.param_dtype))
-        self.text_projection = L.linear(text_config.hidden_size, projection_dim, ("embed", None), **kw)
-        self.visual_projection = L.linear(vision_config.hidden_size, projection_dim, ("embed", None), **kw)
+        kw = dict(rngs=rngs, use_bias=False, dtype=nn.dtype_of(text_config.dtype),
+                  param_dtype=nn.dtype_of(text_config.param_dtype))
+        self.text_projection = nn.linear(text_config.hidden_size, projection_dim, ("embed", None), **kw)
+        self.visual_projection = nn.linear(vision_config.hidden_size, projection_dim, ("embed", None), **kw)
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """Normalised pixels (B, S, S, 3) -> projected image embeddings (B, projection_dim)."""

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
 
@@ -61,7 +61,7 @@ class Dinov2Config(ModelConfig):
             raise ValueError("Dinov2Config: dinov2_with_registers checkpoints always carry a mask token")
         if self.model_type == "dinov2" and self.num_register_tokens:
             raise ValueError("Dinov2Config: register tokens need model_type='dinov2_with_registers'")
-        L.activation(self.hidden_act)
+        nn.activation(self.hidden_act)
         self.check_run_settings()
 
     @property
@@ -130,9 +130,9 @@ class PatchEmbeddings(nnx.Module):
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
         p = config.patch_size
-        self.projection = L.conv(
+        self.projection = nn.conv(
             config.num_channels, config.hidden_size, p, strides=p, padding="VALID", rngs=rngs,
-            dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype), axes=(None, "embed"),
+            dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype), axes=(None, "embed"),
         )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -144,7 +144,7 @@ class Embeddings(nnx.Module):
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
         self.config = config
-        pdt = L.dtype_of(config.param_dtype)
+        pdt = nn.dtype_of(config.param_dtype)
         c = config.hidden_size
         self.cls_token = learned_token((1, 1, c), rngs, pdt)
         if config.use_mask_token:
@@ -159,11 +159,11 @@ class Embeddings(nnx.Module):
         side = self.config.grid_size
         table = self.position_embeddings[...][0, 1:].reshape(side, side, -1)
         antialias = self.config.model_type == "dinov2_with_registers"
-        resized = L.resize_bicubic_torch(table.astype(jnp.float32), grid, antialias=antialias)
+        resized = nn.resize_bicubic_torch(table.astype(jnp.float32), grid, antialias=antialias)
         return resized.astype(table.dtype).reshape(grid[0] * grid[1], -1)
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> jax.Array:
-        dtype = L.dtype_of(self.config.dtype) or pixel_values.dtype
+        dtype = nn.dtype_of(self.config.dtype) or pixel_values.dtype
         patches = self.patch_embeddings(pixel_values.astype(dtype))
         batch, gh, gw, c = patches.shape
         patches = patches.reshape(batch, gh * gw, c)
@@ -185,11 +185,11 @@ class SelfAttention(nnx.Module):
     """query / key / value projections (hub: `attention.attention.{query,key,value}`)."""
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, use_bias=config.qkv_bias, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, use_bias=config.qkv_bias, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
         c = config.hidden_size
-        self.query = L.linear(c, c, ("embed", "heads"), **kw)
-        self.key = L.linear(c, c, ("embed", "heads"), **kw)
-        self.value = L.linear(c, c, ("embed", "heads"), **kw)
+        self.query = nn.linear(c, c, ("embed", "heads"), **kw)
+        self.key = nn.linear(c, c, ("embed", "heads"), **kw)
+        self.value = nn.linear(c, c, ("embed", "heads"), **kw)
 
 
 class SelfOutput(nnx.Module):
@@ -197,8 +197,8 @@ class SelfOutput(nnx.Module):
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
         c = config.hidden_size
-        self.dense = L.linear(
-            c, c, ("heads", "embed"), rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype)
+        self.dense = nn.linear(
+            c, c, ("heads", "embed"), rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype)
         )
 
 
@@ -216,7 +216,7 @@ class Attention(nnx.Module):
         q = self.attention.query(x).reshape(heads)
         k = self.attention.key(x).reshape(heads)
         v = self.attention.value(x).reshape(heads)
-        out = L.attention(q, k, v, implementation=self.config.attention)
+        out = nn.attention(q, k, v, implementation=self.config.attention)
         return self.output.dense(out.reshape(batch, length, -1))
 
 
@@ -224,10 +224,10 @@ class Mlp(nnx.Module):
     """fc1 -> activation -> fc2."""
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.act = L.activation(config.hidden_act)
-        self.fc1 = L.linear(config.hidden_size, config.mlp_dim, ("embed", "mlp"), **kw)
-        self.fc2 = L.linear(config.mlp_dim, config.hidden_size, ("mlp", "embed"), **kw)
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.act = nn.activation(config.hidden_act)
+        self.fc1 = nn.linear(config.hidden_size, config.mlp_dim, ("embed", "mlp"), **kw)
+        self.fc2 = nn.linear(config.mlp_dim, config.hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(self.act(self.fc1(x)))
@@ -238,10 +238,10 @@ class Encoder(nnx.Module):
 
     def __init__(self, config: Dinov2Config, *, rngs: nnx.Rngs):
         self.remat = config.remat
-        self.layer = L.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
+        self.layer = nn.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return L.scan_layers(self.layer, x, lambda layer, h, _: layer(h), remat_policy=self.remat)
+        return nn.scan_layers(self.layer, x, lambda layer, h, _: layer(h), remat_policy=self.remat)
 
 
 class Dinov2(nnx.Module):
@@ -252,9 +252,9 @@ class Dinov2(nnx.Module):
         self.config = config
         self.embeddings = Embeddings(config, rngs=rngs)
         self.encoder = Encoder(config, rngs=rngs)
-        self.layernorm = L.layer_norm(
+        self.layernorm = nn.layer_norm(
             config.hidden_size, rngs=rngs, eps=config.layer_norm_eps,
-            dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype),
+            dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype),
         )
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> jax.Array:
@@ -262,5 +262,5 @@ class Dinov2(nnx.Module):
         p = self.config.patch_size
         if pixel_values.shape[1] % p or pixel_values.shape[2] % p:
             raise ValueError(f"DINOv2: image size {pixel_values.shape[1:3]} is not a multiple of the patch size {p}")
-        x = L.constrain(self.embeddings(pixel_values, bool_masked_pos), ("batch", "length", "embed"))
+        x = nn.constrain(self.embeddings(pixel_values, bool_masked_pos), ("batch", "length", "embed"))
         return self.layernorm(self.encoder(x))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
 
@@ -57,7 +57,7 @@ class Dinov3Config(ModelConfig):
         self.check_heads()
         if self.head_dim % 4:
             raise ValueError(f"Dinov3Config: head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
-        L.activation(self.hidden_act)
+        nn.activation(self.hidden_act)
         self.check_run_settings()
 
     @property
@@ -119,19 +119,19 @@ class Embeddings(nnx.Module):
 
     def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
         self.config = config
-        pdt = L.dtype_of(config.param_dtype)
+        pdt = nn.dtype_of(config.param_dtype)
         c = config.hidden_size
         self.cls_token = learned_token((1, 1, c), rngs, pdt)
         self.mask_token = nnx.Param(jnp.zeros((1, 1, c), pdt), out_sharding=(None, None, "embed"), eager_sharding=False)
         self.register_tokens = learned_token((1, config.num_register_tokens, c), rngs, pdt)
         p = config.patch_size
-        self.patch_embeddings = L.conv(
+        self.patch_embeddings = nn.conv(
             config.num_channels, c, p, strides=p, padding="VALID", rngs=rngs,
-            dtype=L.dtype_of(config.dtype), param_dtype=pdt, axes=(None, "embed"),
+            dtype=nn.dtype_of(config.dtype), param_dtype=pdt, axes=(None, "embed"),
         )
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
-        dtype = L.dtype_of(self.config.dtype) or pixel_values.dtype
+        dtype = nn.dtype_of(self.config.dtype) or pixel_values.dtype
         patches = self.patch_embeddings(pixel_values.astype(dtype))
         batch, gh, gw, c = patches.shape
         patches = patches.reshape(batch, gh * gw, c)
@@ -148,15 +148,15 @@ class Attention(nnx.Module):
     def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
         self.config = config
         c = config.hidden_size
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.q_proj = L.linear(c, c, ("embed", "heads"), use_bias=config.query_bias, **kw)
-        self.k_proj = L.linear(c, c, ("embed", "heads"), use_bias=config.key_bias, **kw)
-        self.v_proj = L.linear(c, c, ("embed", "heads"), use_bias=config.value_bias, **kw)
-        self.o_proj = L.linear(c, c, ("heads", "embed"), use_bias=config.proj_bias, **kw)
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.q_proj = nn.linear(c, c, ("embed", "heads"), use_bias=config.query_bias, **kw)
+        self.k_proj = nn.linear(c, c, ("embed", "heads"), use_bias=config.key_bias, **kw)
+        self.v_proj = nn.linear(c, c, ("embed", "heads"), use_bias=config.value_bias, **kw)
+        self.o_proj = nn.linear(c, c, ("heads", "embed"), use_bias=config.proj_bias, **kw)
 
     def _rotate(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         prefix = self.config.num_prefix_tokens
-        patches = L.apply_rope(x[:, prefix:], cos, sin, interleaved=False)
+        patches = nn.apply_rope(x[:, prefix:], cos, sin, interleaved=False)
         return jnp.concatenate([x[:, :prefix], patches], axis=1)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
         q = self._rotate(self.q_proj(x).reshape(heads), *rope)
         k = self._rotate(self.k_proj(x).reshape(heads), *rope)
         v = self.v_proj(x).reshape(heads)
-        out = L.attention(q, k, v, implementation=self.config.attention)
+        out = nn.attention(q, k, v, implementation=self.config.attention)
         return self.o_proj(out.reshape(batch, length, -1))
 
 
@@ -173,13 +173,13 @@ class Mlp(nnx.Module):
     """up_proj -> activation -> down_proj, or the gated form act(gate_proj(x)) * up_proj(x)."""
 
     def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, use_bias=config.mlp_bias, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.act = L.activation(config.hidden_act)
+        kw = dict(rngs=rngs, use_bias=config.mlp_bias, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.act = nn.activation(config.hidden_act)
         self.gated = config.use_gated_mlp
         if self.gated:
-            self.gate_proj = L.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = L.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = L.linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+            self.gate_proj = nn.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = nn.linear(config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = nn.linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
@@ -193,10 +193,10 @@ class Dinov3(nnx.Module):
     def __init__(self, config: Dinov3Config, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layer = L.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
-        self.norm = L.layer_norm(
+        self.layer = nn.stack_layers(lambda r: LayerScaleBlock(config, Attention(config, rngs=r), Mlp(config, rngs=r), rngs=r), config.num_hidden_layers, rngs)
+        self.norm = nn.layer_norm(
             config.hidden_size, rngs=rngs, eps=config.layer_norm_eps,
-            dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype),
+            dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype),
         )
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> jax.Array:
@@ -206,6 +206,6 @@ class Dinov3(nnx.Module):
             raise ValueError(f"DINOv3: image size {pixel_values.shape[1:3]} is not a multiple of the patch size {p}")
         x, grid = self.embeddings(pixel_values, bool_masked_pos)
         rope = rope_tables(grid, self.config.head_dim, self.config.rope_theta)
-        x = L.constrain(x, ("batch", "length", "embed"))
-        x = L.scan_layers(self.layer, x, lambda layer, h, _: layer(h, rope), remat_policy=self.config.remat)
+        x = nn.constrain(x, ("batch", "length", "embed"))
+        x = nn.scan_layers(self.layer, x, lambda layer, h, _: layer(h, rope), remat_policy=self.config.remat)
         return self.norm(x)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -161,16 +161,16 @@ class _Factory:
     def __init__(self, config: FluxConfig, rngs: nnx.Rngs):
         self.config = config
         self.rngs = rngs
-        self.dtype = L.dtype_of(config.dtype)
-        self.param_dtype = L.dtype_of(config.param_dtype)
+        self.dtype = nn.dtype_of(config.dtype)
+        self.param_dtype = nn.dtype_of(config.param_dtype)
 
     def linear(self, din: int, dout: int, axes=("embed", "mlp"), use_bias: bool = True) -> nnx.Linear:
-        return L.linear(
+        return nn.linear(
             din, dout, axes, rngs=self.rngs, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
     def norm(self) -> nnx.LayerNorm:
-        return L.layer_norm(
+        return nn.layer_norm(
             self.config.hidden_size, rngs=self.rngs, eps=1e-6, affine=False, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
@@ -205,8 +205,8 @@ class QKNorm(nnx.Module):
 
     def __init__(self, make: _Factory):
         dim = make.config.head_dim
-        self.query_norm = L.RMSNorm(dim, eps=1e-6, param_dtype=make.param_dtype, axis_name="kv")
-        self.key_norm = L.RMSNorm(dim, eps=1e-6, param_dtype=make.param_dtype, axis_name="kv")
+        self.query_norm = nn.RMSNorm(dim, eps=1e-6, param_dtype=make.param_dtype, axis_name="kv")
+        self.key_norm = nn.RMSNorm(dim, eps=1e-6, param_dtype=make.param_dtype, axis_name="kv")
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
@@ -248,7 +248,7 @@ def _mlp(make: _Factory) -> nnx.List:
 
 
 def _run_mlp(mlp: nnx.List, x: jax.Array) -> jax.Array:
-    return mlp[2](L.gelu_tanh(mlp[0](x)))
+    return mlp[2](nn.gelu_tanh(mlp[0](x)))
 
 
 def _joint_attention(
@@ -256,9 +256,9 @@ def _joint_attention(
 ) -> jax.Array:
     """RoPE on q and k, attention, heads merged: (B, L, H, D) -> (B, L, H * D)."""
     cos, sin = rope
-    q = L.apply_rope(q, cos, sin, interleaved=True)
-    k = L.apply_rope(k, cos, sin, interleaved=True)
-    out = L.attention(q, k, v, implementation=implementation)
+    q = nn.apply_rope(q, cos, sin, interleaved=True)
+    k = nn.apply_rope(k, cos, sin, interleaved=True)
+    out = nn.attention(q, k, v, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -321,7 +321,7 @@ class SingleStreamBlock(nnx.Module):
         hidden = self.linear1(_modulate(self.pre_norm(x), shift, scale))
         qkv, mlp = hidden[..., : 3 * self.hidden_size], hidden[..., 3 * self.hidden_size :]
         attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.attention)
-        return x + gate * self.linear2(jnp.concatenate([attn, L.gelu_tanh(mlp)], axis=-1))
+        return x + gate * self.linear2(jnp.concatenate([attn, nn.gelu_tanh(mlp)], axis=-1))
 
 
 class LastLayer(nnx.Module):
@@ -355,8 +355,8 @@ class Flux(nnx.Module):
         self.vector_in = MLPEmbedder(make, config.vec_in_dim)
         self.guidance_in = MLPEmbedder(make, TIME_EMBED_DIM) if config.guidance_embed else None
         self.txt_in = make.linear(config.context_in_dim, hidden, (None, "embed"))
-        self.double_blocks = L.stack_layers(lambda r: DoubleStreamBlock(_Factory(config, r)), config.depth, rngs)
-        self.single_blocks = L.stack_layers(
+        self.double_blocks = nn.stack_layers(lambda r: DoubleStreamBlock(_Factory(config, r)), config.depth, rngs)
+        self.single_blocks = nn.stack_layers(
             lambda r: SingleStreamBlock(_Factory(config, r)), config.depth_single_blocks, rngs
         )
         self.final_layer = LastLayer(make)
@@ -386,38 +386,38 @@ class Flux(nnx.Module):
             raise ValueError("Flux: this model has a guidance embedding (dev); pass guidance (B,)")
         if hidden_block is not None and not 0 <= hidden_block < config.depth:
             raise ValueError(f"Flux: hidden_block {hidden_block} is outside the {config.depth} double blocks")
-        dtype = L.dtype_of(config.dtype)
+        dtype = nn.dtype_of(config.dtype)
 
-        img = L.constrain(self.img_in(img.astype(dtype)), ACTIVATION_AXES)
+        img = nn.constrain(self.img_in(img.astype(dtype)), ACTIVATION_AXES)
         vec = self.time_in(timestep_embedding(timesteps).astype(dtype))
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance).astype(dtype))
         vec = vec + self.vector_in(y.astype(dtype))
-        txt = L.constrain(self.txt_in(txt.astype(dtype)), ACTIVATION_AXES)
+        txt = nn.constrain(self.txt_in(txt.astype(dtype)), ACTIVATION_AXES)
 
         batch = img.shape[0]
         ids = jnp.concatenate(
             [jnp.broadcast_to(txt_ids, (batch, *txt_ids.shape[-2:])), jnp.broadcast_to(img_ids, (batch, *img_ids.shape[-2:]))],
             axis=1,
         )
-        rope = L.axial_rope(ids, config.axes_dim, config.theta)
+        rope = nn.axial_rope(ids, config.axes_dim, config.theta)
 
         def double(block: DoubleStreamBlock, carry, index):
             img, txt, tap = carry
             img, txt = block(img, txt, vec, rope)
-            img = L.constrain(img, ACTIVATION_AXES)
-            txt = L.constrain(txt, ACTIVATION_AXES)
+            img = nn.constrain(img, ACTIVATION_AXES)
+            txt = nn.constrain(txt, ACTIVATION_AXES)
             if tap is not None:
                 tap = jnp.where(index == hidden_block, img, tap)
             return img, txt, tap
 
         tap = jnp.zeros_like(img) if hidden_block is not None else None
-        img, txt, tap = L.scan_layers(self.double_blocks, (img, txt, tap), double, remat_policy=config.remat)
+        img, txt, tap = nn.scan_layers(self.double_blocks, (img, txt, tap), double, remat_policy=config.remat)
 
         def single(block: SingleStreamBlock, x, index):
-            return L.constrain(block(x, vec, rope), ACTIVATION_AXES)
+            return nn.constrain(block(x, vec, rope), ACTIVATION_AXES)
 
         x = jnp.concatenate([txt, img], axis=1)
-        x = L.scan_layers(self.single_blocks, x, single, remat_policy=config.remat)
+        x = nn.scan_layers(self.single_blocks, x, single, remat_policy=config.remat)
         out = self.final_layer(x[:, txt.shape[1] :], vec)
         return out if hidden_block is None else (out, tap)

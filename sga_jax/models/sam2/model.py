@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -87,7 +87,7 @@ class Sam2HieraConfig(ModelConfig):
                 raise ValueError(f"Sam2HieraConfig: width {dim} is not divisible by {heads} heads")
         if any(b >= sum(self.blocks_per_stage) for b in self.global_attention_blocks):
             raise ValueError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
-        L.activation(self.hidden_act)
+        nn.activation(self.hidden_act)
         self.check_run_settings()
 
     @property
@@ -189,12 +189,12 @@ class MultiScaleAttention(nnx.Module):
     """Attention over (B, H, W, C) tokens with optional max-pooled queries (hub: `qkv`, `proj`)."""
 
     def __init__(self, dim: int, dim_out: int, heads: int, pool: int, config: Sam2HieraConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
         self.heads = heads
         self.pool = pool
         self.implementation = config.attention
-        self.qkv = L.linear(dim, 3 * dim_out, ("embed", "heads"), **kw)
-        self.proj = L.linear(dim_out, dim_out, ("heads", "embed"), **kw)
+        self.qkv = nn.linear(dim, 3 * dim_out, ("embed", "heads"), **kw)
+        self.proj = nn.linear(dim_out, dim_out, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, _ = x.shape
@@ -204,7 +204,7 @@ class MultiScaleAttention(nnx.Module):
             q = max_pool(q.reshape(b, h, w, -1), self.pool)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.heads, -1)
-        out = L.attention(q, k, v, implementation=self.implementation)
+        out = nn.attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(b, h, w, -1))
 
 
@@ -212,10 +212,10 @@ class FeedForward(nnx.Module):
     """proj_in -> activation -> proj_out (hub: `mlp.proj_in`, `mlp.proj_out`)."""
 
     def __init__(self, dim: int, hidden: int, config: Sam2HieraConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
-        self.act = L.activation(config.hidden_act)
-        self.proj_in = L.linear(dim, hidden, ("embed", "mlp"), **kw)
-        self.proj_out = L.linear(hidden, dim, ("mlp", "embed"), **kw)
+        kw = dict(rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
+        self.act = nn.activation(config.hidden_act)
+        self.proj_in = nn.linear(dim, hidden, ("embed", "mlp"), **kw)
+        self.proj_out = nn.linear(hidden, dim, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj_out(self.act(self.proj_in(x)))
@@ -228,16 +228,16 @@ class MultiScaleBlock(nnx.Module):
     """
 
     def __init__(self, dim: int, dim_out: int, heads: int, pool: int, config: Sam2HieraConfig, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, eps=config.layer_norm_eps, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
         self.pool = pool
         self.projects = dim != dim_out
-        self.layer_norm1 = L.layer_norm(dim, **kw)
+        self.layer_norm1 = nn.layer_norm(dim, **kw)
         self.attn = MultiScaleAttention(dim, dim_out, heads, pool, config, rngs=rngs)
-        self.layer_norm2 = L.layer_norm(dim_out, **kw)
+        self.layer_norm2 = nn.layer_norm(dim_out, **kw)
         self.mlp = FeedForward(dim_out, int(dim_out * config.mlp_ratio), config, rngs=rngs)
         if self.projects:
-            self.proj = L.linear(
-                dim, dim_out, ("embed", "mlp"), rngs=rngs, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype)
+            self.proj = nn.linear(
+                dim, dim_out, ("embed", "mlp"), rngs=rngs, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype)
             )
 
     def __call__(self, x: jax.Array, window: int) -> jax.Array:
@@ -259,7 +259,7 @@ class MultiScaleBlock(nnx.Module):
             x = window_unpartition(x, window, padded, size)
         x = shortcut + x
         x = x + self.mlp(self.layer_norm2(x))
-        return L.constrain(x, ("batch", None, None, "embed"))
+        return nn.constrain(x, ("batch", None, None, "embed"))
 
 
 class Stage(nnx.Module):
@@ -280,7 +280,7 @@ class Stage(nnx.Module):
             start, count = start + 1, count - 1
         self.windows = tuple(config.window_of(b) for b in range(start, start + count))
         if count:
-            self.blocks = L.stack_layers(lambda r: MultiScaleBlock(dim, dim, heads, 1, config, rngs=r), count, rngs)
+            self.blocks = nn.stack_layers(lambda r: MultiScaleBlock(dim, dim, heads, 1, config, rngs=r), count, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.first_window is not None:
@@ -297,7 +297,7 @@ class Stage(nnx.Module):
                 branches = [lambda y, w=w: block(y, w) for w in windows]
                 return jax.lax.switch(choice[index], branches, h)
 
-        return L.scan_layers(self.blocks, x, body, remat_policy=self.remat)
+        return nn.scan_layers(self.blocks, x, body, remat_policy=self.remat)
 
 
 class Sam2Hiera(nnx.Module):
@@ -307,7 +307,7 @@ class Sam2Hiera(nnx.Module):
 
     def __init__(self, config: Sam2HieraConfig, *, rngs: nnx.Rngs):
         self.config = config
-        pdt = L.dtype_of(config.param_dtype)
+        pdt = nn.dtype_of(config.param_dtype)
         c = config.hidden_size
         self.patch_embed = PatchEmbed(config, rngs=rngs)
         background = config.window_positional_embedding_background_size
@@ -325,11 +325,11 @@ class Sam2Hiera(nnx.Module):
                 f"SAM2 Hiera: the stride-{self.config.patch_stride[0]} grid {size} must be a multiple of the "
                 f"window position embedding {(wh, ww)} (input sides multiples of {self.config.stride} always are)"
             )
-        background = L.resize_bicubic_torch(self.pos_embed[...].astype(jnp.float32), size).astype(window.dtype)
+        background = nn.resize_bicubic_torch(self.pos_embed[...].astype(jnp.float32), size).astype(window.dtype)
         return background + jnp.tile(window, (1, size[0] // wh, size[1] // ww, 1))
 
     def __call__(self, pixel_values: jax.Array, *, all_stages: bool = False) -> jax.Array | tuple[jax.Array, ...]:
-        dtype = L.dtype_of(self.config.dtype) or pixel_values.dtype
+        dtype = nn.dtype_of(self.config.dtype) or pixel_values.dtype
         x = self.patch_embed(pixel_values.astype(dtype))
         x = x + self.position_embedding(x.shape[1:3]).astype(x.dtype)
         outputs = []
@@ -343,10 +343,10 @@ class PatchEmbed(nnx.Module):
     """The overlapping stem convolution (hub: `patch_embed.projection`)."""
 
     def __init__(self, config: Sam2HieraConfig, *, rngs: nnx.Rngs):
-        self.projection = L.conv(
+        self.projection = nn.conv(
             config.num_channels, config.hidden_size, config.patch_kernel_size, strides=config.patch_stride,
             padding=[(p, p) for p in config.patch_padding], rngs=rngs,
-            dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype), axes=(None, "embed"),
+            dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype), axes=(None, "embed"),
         )
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu")
@@ -48,7 +48,7 @@ class T5Config(ModelConfig):
       dense_act_fn: feed-forward activation (Hugging Face name).
       is_gated_act: gated feed-forward (`wi_0`, `wi_1`; T5 v1.1) or plain (`wi`; original T5).
       dtype: compute dtype of matmuls and of the output; param_dtype: storage dtype of parameters.
-      attention: implementation passed to `layers.attention` ("xla" or "cudnn").
+      attention: implementation passed to `nn.attention` ("xla" or "cudnn").
       remat: rematerialisation policy of the block scan ("none", "full", "dots", "dots_no_batch").
     """
 
@@ -179,12 +179,12 @@ class T5Attention(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         inner = config.num_heads * config.d_kv
-        dtype, param_dtype = L.dtype_of(config.dtype), L.dtype_of(config.param_dtype)
+        dtype, param_dtype = nn.dtype_of(config.dtype), nn.dtype_of(config.param_dtype)
         kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
-        self.q = L.linear(config.d_model, inner, ("embed", "heads"), **kw)
-        self.k = L.linear(config.d_model, inner, ("embed", "heads"), **kw)
-        self.v = L.linear(config.d_model, inner, ("embed", "heads"), **kw)
-        self.o = L.linear(inner, config.d_model, ("heads", "embed"), **kw)
+        self.q = nn.linear(config.d_model, inner, ("embed", "heads"), **kw)
+        self.k = nn.linear(config.d_model, inner, ("embed", "heads"), **kw)
+        self.v = nn.linear(config.d_model, inner, ("embed", "heads"), **kw)
+        self.o = nn.linear(inner, config.d_model, ("heads", "embed"), **kw)
         self.num_heads = config.num_heads
         self.d_kv = config.d_kv
         self.implementation = config.attention
@@ -193,7 +193,7 @@ class T5Attention(nnx.Module):
         batch, length, _ = x.shape
         split = lambda t: t.reshape(batch, length, self.num_heads, self.d_kv)
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        out = L.attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=1.0, implementation=self.implementation)
+        out = nn.attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=1.0, implementation=self.implementation)
         return self.o(out.reshape(batch, length, self.num_heads * self.d_kv))
 
 
@@ -202,8 +202,8 @@ class T5LayerSelfAttention(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.SelfAttention = T5Attention(config, rngs=rngs)
-        self.layer_norm = L.RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
-                                    param_dtype=L.dtype_of(config.param_dtype))
+        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
+                                    param_dtype=nn.dtype_of(config.param_dtype))
 
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
         return x + self.SelfAttention(self.layer_norm(x), bias, mask).astype(x.dtype)
@@ -213,19 +213,19 @@ class T5DenseReluDense(nnx.Module):
     """Feed-forward: `wo(act(wi_0 x) * wi_1 x)` when gated, else `wo(act(wi x))`."""
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, use_bias=False, dtype=L.dtype_of(config.dtype), param_dtype=L.dtype_of(config.param_dtype))
+        kw = dict(rngs=rngs, use_bias=False, dtype=nn.dtype_of(config.dtype), param_dtype=nn.dtype_of(config.param_dtype))
         self.gated = config.is_gated_act
         if self.gated:
-            self.wi_0 = L.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
-            self.wi_1 = L.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
+            self.wi_0 = nn.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
+            self.wi_1 = nn.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
         else:
-            self.wi = L.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
-        self.wo = L.linear(config.d_ff, config.d_model, ("mlp", "embed"), **kw)
-        self.act = L.activation(config.dense_act_fn)
+            self.wi = nn.linear(config.d_model, config.d_ff, ("embed", "mlp"), **kw)
+        self.wo = nn.linear(config.d_ff, config.d_model, ("mlp", "embed"), **kw)
+        self.act = nn.activation(config.dense_act_fn)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(L.constrain(hidden, ("batch", "length", "mlp")))
+        return self.wo(nn.constrain(hidden, ("batch", "length", "mlp")))
 
 
 class T5LayerFF(nnx.Module):
@@ -233,8 +233,8 @@ class T5LayerFF(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.DenseReluDense = T5DenseReluDense(config, rngs=rngs)
-        self.layer_norm = L.RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
-                                    param_dtype=L.dtype_of(config.param_dtype))
+        self.layer_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon,
+                                    param_dtype=nn.dtype_of(config.param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.DenseReluDense(self.layer_norm(x)).astype(x.dtype)
@@ -249,7 +249,7 @@ class T5Block(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array | None) -> jax.Array:
         x = self.layer[0](x, bias, mask)
         x = self.layer[1](x)
-        return L.constrain(x, ("batch", "length", "embed"))
+        return nn.constrain(x, ("batch", "length", "embed"))
 
 
 class T5Stack(nnx.Module):
@@ -257,16 +257,16 @@ class T5Stack(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.config = config
-        param_dtype = L.dtype_of(config.param_dtype)
+        param_dtype = nn.dtype_of(config.param_dtype)
         self.relative_attention_bias = nnx.Embed(
             config.relative_attention_num_buckets,
             config.num_heads,
             param_dtype=param_dtype,
-            embedding_init=L.logical(nnx.initializers.normal(config.d_model**-0.5), (None, "heads")),
+            embedding_init=nn.logical(nnx.initializers.normal(config.d_model**-0.5), (None, "heads")),
             rngs=rngs,
         )
-        self.block = L.stack_layers(lambda r: T5Block(config, rngs=r), config.num_layers, rngs)
-        self.final_layer_norm = L.RMSNorm(config.d_model, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
+        self.block = nn.stack_layers(lambda r: T5Block(config, rngs=r), config.num_layers, rngs)
+        self.final_layer_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
 
     def position_bias(self, length: int) -> jax.Array:
         """The (1, heads, L, L) float32 logits bias shared by every block."""
@@ -286,7 +286,7 @@ class T5Stack(nnx.Module):
 
 def scan_blocks(block: T5Block, x: jax.Array, bias: jax.Array, mask: jax.Array | None, remat: str) -> jax.Array:
     """Run the stacked blocks over the float32 residual stream `x`."""
-    return L.scan_layers(block, x, lambda layer, carry, _: layer(carry, bias, mask), remat_policy=remat)
+    return nn.scan_layers(block, x, lambda layer, carry, _: layer(carry, bias, mask), remat_policy=remat)
 
 
 class T5EncoderModel(nnx.Module):
@@ -306,8 +306,8 @@ class T5EncoderModel(nnx.Module):
         self.shared = nnx.Embed(
             config.vocab_size,
             config.d_model,
-            param_dtype=L.dtype_of(config.param_dtype),
-            embedding_init=L.logical(nnx.initializers.normal(1.0), ("vocab", "embed")),
+            param_dtype=nn.dtype_of(config.param_dtype),
+            embedding_init=nn.logical(nnx.initializers.normal(1.0), ("vocab", "embed")),
             rngs=rngs,
         )
         self.encoder = T5Stack(config, rngs=rngs)
@@ -316,7 +316,7 @@ class T5EncoderModel(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
         x = self.shared.embedding[...][input_ids].astype(jnp.float32)
-        x = L.constrain(x, ("batch", "length", "embed"))
+        x = nn.constrain(x, ("batch", "length", "embed"))
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         out = self.encoder(x, mask)
-        return out.astype(L.dtype_of(self.config.dtype))
+        return out.astype(nn.dtype_of(self.config.dtype))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.models import layers as L
+from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vae import tiling
 
@@ -111,7 +111,7 @@ def _checkpointed(module: nnx.Module, x: jax.Array, policy: str) -> jax.Array:
     if policy == "none":
         return module(x)
     graphdef, state = nnx.split(module)
-    return L.remat(lambda s, h: nnx.merge(graphdef, s)(h), policy)(state, x)
+    return nn.remat(lambda s, h: nnx.merge(graphdef, s)(h), policy)(state, x)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
@@ -125,19 +125,19 @@ class _Factory:
     def __init__(self, config: AutoEncoderConfig, rngs: nnx.Rngs):
         self.config = config
         self.rngs = rngs
-        self.dtype = L.dtype_of(config.dtype)
-        self.param_dtype = L.dtype_of(config.param_dtype)
+        self.dtype = nn.dtype_of(config.dtype)
+        self.param_dtype = nn.dtype_of(config.param_dtype)
 
     def conv(self, cin: int, cout: int, kernel: int = 3, **kw: Any) -> nnx.Conv:
         kw.setdefault("padding", kernel // 2)
-        return L.conv(cin, cout, kernel, rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
+        return nn.conv(cin, cout, kernel, rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype, **kw)
 
     def norm(self, dim: int) -> nnx.GroupNorm:
         c = self.config
-        return L.group_norm(c.norm_groups, dim, rngs=self.rngs, eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.group_norm(c.norm_groups, dim, rngs=self.rngs, eps=c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def proj(self, dim: int) -> nnx.Linear:
-        return L.linear(dim, dim, ("conv_in", "conv_out"), rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype)
+        return nn.linear(dim, dim, ("conv_in", "conv_out"), rngs=self.rngs, dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -173,7 +173,7 @@ class AttnBlock(nnx.Module):
         b, h, w, c = x.shape
         normed = self.norm(x)
         q, k, v = (proj(normed).reshape(b, h * w, 1, c) for proj in (self.q, self.k, self.v))
-        out = L.attention(q, k, v, implementation=self.implementation).reshape(b, h, w, c)
+        out = nn.attention(q, k, v, implementation=self.implementation).reshape(b, h, w, c)
         return x + self.proj_out(out)
 
 
@@ -217,7 +217,7 @@ class DownLevel(nnx.Module):
 
     def __call__(self, x: jax.Array, remat: str) -> jax.Array:
         x = _run_blocks(self.block, x, remat)
-        return L.constrain(self.downsample(x), IMAGE_AXES) if self.downsample is not None else x
+        return nn.constrain(self.downsample(x), IMAGE_AXES) if self.downsample is not None else x
 
 
 class UpLevel(nnx.Module):
@@ -229,7 +229,7 @@ class UpLevel(nnx.Module):
 
     def __call__(self, x: jax.Array, remat: str) -> jax.Array:
         x = _run_blocks(self.block, x, remat)
-        return L.constrain(self.upsample(x), IMAGE_AXES) if self.upsample is not None else x
+        return nn.constrain(self.upsample(x), IMAGE_AXES) if self.upsample is not None else x
 
 
 class Mid(nnx.Module):
@@ -267,7 +267,7 @@ class Encoder(nnx.Module):
         self.conv_out = make.conv(widths[-1], 2 * c.z_channels)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = L.constrain(self.conv_in(x), IMAGE_AXES)
+        h = nn.constrain(self.conv_in(x), IMAGE_AXES)
         for level in self.down:
             h = level(h, self.remat)
         h = self.mid(h, self.remat)
@@ -300,7 +300,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, z: jax.Array, return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Decode; with `return_features`, also return the input of `conv_out` (see `AutoEncoder.decode`)."""
-        h = L.constrain(self.conv_in(z), IMAGE_AXES)
+        h = nn.constrain(self.conv_in(z), IMAGE_AXES)
         h = self.mid(h, self.remat)
         for level in reversed(self.up):
             h = level(h, self.remat)

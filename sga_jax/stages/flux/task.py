@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +33,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sga_jax import convert, parallel, sample
+from sga_jax import parallel, sample
+from sga_jax.weights import converted
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
 from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
-from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
-from sga_jax.models.vae.convert import open_checkpoint as open_vae_checkpoint
+from sga_jax.models import clip, flux, t5, vae
 from sga_jax.text import encode_tokens, load_tokenizer, tokenize
-from sga_jax.train import flow_matching as fm
+from sga_jax.stages import common
+from sga_jax.stages.flux import flow_matching as fm
 from sga_jax.train import plots
 
 log = logging.getLogger(__name__)
 
 ALIGN_METHODS = ("sga", "irepa", "repa", "none")
 OBJECTIVES = ("fm", "wlf")
-PRIOR_MODELS = {"dinov2": (dinov2.Dinov2Config, dinov2.Dinov2), "dinov3": (dinov3.Dinov3Config, dinov3.Dinov3),
-                "sam2": (sam2.Sam2HieraConfig, sam2.Sam2Hiera)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,26 +82,6 @@ class FrozenModels(nnx.Module):
         self.clip = clip_model
 
 
-def _config_from(section: ml_collections.ConfigDict, cls: Any, family: str) -> Any:
-    """A model config from `section`: a converted directory's config, a preset, then overrides."""
-    weights = section.get("weights", "")
-    if weights and convert.is_converted(weights):
-        config = cls.from_dict(json.loads((Path(weights) / convert.CONFIG_FILE).read_text())["config"])
-    elif weights and hasattr(cls, "from_hf_config") and (Path(weights) / "config.json").is_file():
-        config = cls.from_hf_config(json.loads((Path(weights) / "config.json").read_text()))
-    elif weights and family == "flux":
-        config = flux.infer_config(weights)
-    elif weights and family == "vae":
-        config = vae.infer_config(*open_vae_checkpoint(weights)[:2])
-    else:
-        preset = section.get("preset", "")
-        if not preset or not hasattr(cls, preset):
-            raise ValueError(f"config.model.{family}: give `weights` or a `preset` of {cls.__name__}, got {preset!r}")
-        config = getattr(cls, preset)()
-    overrides = dict(section.get("overrides", {}) or {})
-    return dataclasses.replace(config, **overrides) if overrides else config
-
-
 def _latent_grid(ae_config: vae.AutoEncoderConfig, height: int, width: int) -> tuple[int, int]:
     factor = ae_config.downsample_factor
     if height % (2 * factor) or width % (2 * factor):
@@ -122,17 +101,17 @@ class FluxSGATask:
         """Resolve and check every network config before anything compiles."""
         m = config.model
         compute = config.precision.compute_dtype
-        flux_config = dataclasses.replace(_config_from(m.flux, flux.FluxConfig, "flux"), dtype=compute,
+        flux_config = dataclasses.replace(common.model_config(m.flux, flux.FluxConfig, "flux"), dtype=compute,
                                           param_dtype="float32", remat=m.flux.get("remat", "none"),
                                           attention=m.get("attention", "chunked"))
         frozen_dtype = m.get("frozen_dtype", "float32")
-        vae_config = dataclasses.replace(_config_from(m.vae, vae.AutoEncoderConfig, "vae"),
+        vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
         prior_kind = m.prior.kind
-        if prior_kind not in PRIOR_MODELS:
-            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(PRIOR_MODELS)}")
-        prior_cls = PRIOR_MODELS[prior_kind][0]
-        prior_config = dataclasses.replace(_config_from(m.prior, prior_cls, prior_kind),
+        if prior_kind not in common.PRIOR_MODELS:
+            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
+        prior_cls = common.PRIOR_MODELS[prior_kind][0]
+        prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
                                            dtype=frozen_dtype, param_dtype=frozen_dtype)
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
@@ -174,7 +153,7 @@ class FluxSGATask:
         nets = self.networks
         prior = None
         if self.config.align.method != "none":
-            prior_model = PRIOR_MODELS[nets.prior_kind][1](nets.prior, rngs=rngs)
+            prior_model = common.PRIOR_MODELS[nets.prior_kind][1](nets.prior, rngs=rngs)
             prior = FoundationEncoder(nets.prior_kind, prior_model, long_edge=self.config.align.long_edge)
         t5_model = t5.T5EncoderModel(nets.t5, rngs=rngs) if nets.t5 is not None else None
         clip_model = clip.ClipTextModel(nets.clip, rngs=rngs) if nets.clip is not None else None
@@ -190,7 +169,7 @@ class FluxSGATask:
         if not path:
             log.warning("config.model.flux.weights is empty: Flux starts from RANDOM weights")
             return params
-        model = convert.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
+        model = converted.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
                                    param_dtype="float32", remat=self.networks.flux.remat)
         return {**params, "flux": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
 
@@ -227,9 +206,9 @@ class FluxSGATask:
         if name == "vae":
             overrides["f16"] = self.networks.vae.f16  # F8 weights run in the F16 form (no new parameters)
         if name == "prior":
-            model = convert.load_model(self.networks.prior_kind, path, shardings=shardings["model"], **overrides)
+            model = converted.load_model(self.networks.prior_kind, path, shardings=shardings["model"], **overrides)
             return {"model": nnx.to_pure_dict(nnx.state(model))}
-        return nnx.to_pure_dict(nnx.state(convert.load_model(name, path, shardings=shardings, **overrides)))
+        return nnx.to_pure_dict(nnx.state(converted.load_model(name, path, shardings=shardings, **overrides)))
 
     def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
         """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart."""
@@ -253,7 +232,7 @@ class FluxSGATask:
         out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
         velocity, hidden = (out, None) if tap is None else out
         velocity = velocity.astype(jnp.float32)
-        weights = _example_weights(batch, b)
+        weights = common.example_weights(batch, b)
         if config.objective.kind == "wlf":
             x0_pred = sample.unpack(fm.predicted_x0(x_t, velocity, t), h, w)
             main = jnp.sum(weights * fm.wavelet_loss(x0_pred, latents, config.objective.wlf_weights))
@@ -288,6 +267,14 @@ class FluxSGATask:
             return txt, jnp.zeros((*txt.shape[:2], 3), jnp.float32), batch["vec"].astype(jnp.float32)
         txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch, mask_t5=self.config.text.mask_t5)
         return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
+
+    export_formats = ("diffusers", "bfl")
+
+    def export(self, read: Callable[[str, Any], dict], out: str | Path, *, format: str, dtype: str | None) -> None:
+        """Write the trained Flux (the head is training-only) with `flux.save` in `format`."""
+        graphdef, weights = nnx.split(flux.abstract_model(self.networks.flux), nnx.Param)
+        nnx.replace_by_pure_dict(weights, read("flux", nnx.to_pure_dict(weights)))
+        flux.save(nnx.merge(graphdef, weights), out, format=format, dtype=dtype)
 
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
         """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
@@ -336,13 +323,6 @@ def tokenize_captions(tokenizers: tuple[Any, Any], text_config: Any, captions: l
     t5_ids, t5_mask = tokenize(tokenizers[0], captions, text_config.t5_length)
     clip_ids, _ = tokenize(tokenizers[1], captions, text_config.clip_length)
     return {"t5_ids": t5_ids, "t5_mask": t5_mask, "clip_ids": clip_ids}
-
-
-def _example_weights(batch: dict, size: int) -> jax.Array:
-    """Per-example weights summing to 1 over the real examples (`valid`; padding slots get 0)."""
-    valid = batch.get("valid")
-    valid = jnp.ones((size,), jnp.float32) if valid is None else valid.astype(jnp.float32)
-    return valid / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 @nnx.jit(static_argnums=3)

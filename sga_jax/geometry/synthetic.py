@@ -1,4 +1,4 @@
-"""`python -m sga_jax.geometry --out DIR`: a report on the geometry of the SGA loss.
+"""The synthetic loss-geometry report (`python -m sga_jax.geometry --out DIR`).
 
 Demonstrates the paper's Propositions 1-3 numerically, on random features and on spatially
 structured ones (smooth low-frequency fields on a token grid as the "prior" Y, and "generative"
@@ -14,7 +14,6 @@ Writes DIR/report.md and PNG plots (matplotlib, Agg backend). Runs in seconds on
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 from dataclasses import dataclass
@@ -366,23 +365,3 @@ def build_report(out: Path, settings: Settings) -> Path:
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sga_jax.geometry", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for report.md and the plots")
-    parser.add_argument("--grid", type=int, default=Settings.grid, help="token grid side (N = grid^2)")
-    parser.add_argument("--channels", type=int, default=Settings.channels, help="feature width C (even)")
-    parser.add_argument("--steps", type=int, default=Settings.steps, help="gradient-descent steps")
-    parser.add_argument("--pairs", type=int, default=Settings.pairs, help="pairs in the containment cloud")
-    parser.add_argument("--seed", type=int, default=Settings.seed)
-    args = parser.parse_args(argv)
-    if args.grid < 3 or args.channels < 6 or args.channels % 2:
-        parser.error(f"need --grid >= 3 and an even --channels >= 6, got {args.grid} and {args.channels}")
-    settings = Settings(grid=args.grid, channels=args.channels, steps=args.steps, pairs=args.pairs, seed=args.seed)
-    report = build_report(args.out, settings)
-    print(f"wrote {report} and {len(list(args.out.glob('*.png')))} plots")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,80 @@
+"""Normalisation layers: LayerNorm and GroupNorm with logical axes, and RMSNorm (BFL's QK norm, T5)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sga_jax.models.nn.params import Dtype, logical
+
+
+def layer_norm(
+    dim: int,
+    *,
+    rngs: nnx.Rngs,
+    eps: float = 1e-6,
+    affine: bool = True,
+    dtype: Dtype = None,
+    param_dtype: Dtype = jnp.float32,
+    axis_name: str | None = "embed",
+) -> nnx.LayerNorm:
+    """LayerNorm over the last axis (statistics in float32); `affine=False` has no parameters."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        use_bias=affine,
+        use_scale=affine,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nnx.initializers.ones_init(), (axis_name,)),
+        bias_init=logical(nnx.initializers.zeros_init(), (axis_name,)),
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+def group_norm(
+    num_groups: int,
+    dim: int,
+    *,
+    rngs: nnx.Rngs,
+    eps: float = 1e-6,
+    dtype: Dtype = None,
+    param_dtype: Dtype = jnp.float32,
+) -> nnx.GroupNorm:
+    """GroupNorm over channels-last features with a learned per-channel scale and bias."""
+    return nnx.GroupNorm(
+        dim,
+        num_groups=num_groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nnx.initializers.ones_init(), ("conv_out",)),
+        bias_init=logical(nnx.initializers.zeros_init(), ("conv_out",)),
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned `scale` (BFL's QK norm and T5's layer norm).
+
+    Statistics are computed in float32; the result is cast back to the input dtype before scaling.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-6,
+        param_dtype: Dtype = jnp.float32,
+        axis_name: str | None = "embed",
+    ):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)

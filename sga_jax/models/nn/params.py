@@ -1,0 +1,91 @@
+"""Parameter factories whose parameters carry logical axis names, and the dtype settings of configs.
+
+Conventions: channels-last; `dtype` is the compute dtype, `param_dtype` the storage dtype of
+parameters; every parameter carries logical axis names (see DESIGN.md) that `sga_jax.parallel`
+maps onto a device mesh. Sharding is applied later, never eagerly at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+Axes = tuple[str | None, ...]
+Dtype = Any
+
+
+def logical(init: Callable, axes: Axes) -> Callable:
+    """Wrap an initializer so that its parameter carries the logical axis names `axes`.
+
+    Sharding is applied later by `sga_jax.parallel` (never eagerly at construction), so modules can
+    be built without a mesh, under `nnx.eval_shape`, or inside a jitted sharded initialiser.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None] = ("embed", "mlp"),
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype: Dtype = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable = nnx.initializers.lecun_normal(),
+) -> nnx.Linear:
+    """A dense layer whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(kernel_init, axes),
+        bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int] = 3,
+    *,
+    rngs: nnx.Rngs,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence[tuple[int, int]] = "SAME",
+    use_bias: bool = True,
+    dtype: Dtype = None,
+    param_dtype: Dtype = jnp.float32,
+    axes: tuple[str | None, str | None] = ("conv_in", "conv_out"),
+) -> nnx.Conv:
+    """A 2-D channels-last convolution; kernel (kh, kw, in, out) with logical axes on in/out.
+
+    An integer `padding` pads every side by that much, as PyTorch's `padding=p` does.
+    """
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=tuple(kernel_size),
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=logical(nnx.initializers.lecun_normal(), (None, None) + tuple(axes)),
+        bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def dtype_of(name: str | None) -> Dtype:
+    """A config's dtype name ("float32", "bfloat16", None) as a jnp dtype (None stays None)."""
+    return None if name is None else jnp.dtype(name)

@@ -1,0 +1,8 @@
+"""The paper's training stages, each a Task (`sga_jax.train.task`) that the engine runs.
+
+- `flux/`: stage 2, SGA fine-tuning of Flux (task `flux_sga`)
+- `common.py`: what the stages share (model configs from config sections, the priors, loss weights)
+
+The engine (`sga_jax.train`) owns the mesh, state, optimizer, checkpoints and logging; a stage
+owns its models, losses, data and hooks.
+"""
