@@ -1,7 +1,8 @@
 """python -m sga_jax.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=v ...] [--dry_run]
 
 Trains (or resumes) the run in DIR. --dry_run validates the config, builds the mesh and the
-abstract sharded state, prints the per-device memory estimate and exits without compiling.
+abstract sharded state, prints the state's per-device memory and exits without compiling
+(`python -m sga_jax.plan` compiles the step for a target and adds activations and the peak).
 Exit status: 0 when done or stopped by SIGTERM/SIGINT after saving; 1 when training diverged
 (NaN guard); 2 for a config that cannot run.
 """
@@ -30,8 +31,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, me
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config and print the memory estimate; do not train.")
 
 
-def dry_run_report(run: Run) -> str:
-    """Mesh, parameter count and per-device memory of a run, as printed by --dry_run."""
+def dry_run_report(run: Run, config_arg: str = "CONFIG") -> str:
+    """Mesh, parameter count and per-device memory of a run, as printed by --dry_run, with the
+    planner command that adds the step's temporaries on a real target."""
     from sga_jax.train.loop import describe_memory
     from sga_jax.train.state import memory_estimate
 
@@ -41,8 +43,10 @@ def dry_run_report(run: Run) -> str:
         f"task {run.config.task}: {count:,} trainable parameters",
         f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)",
-        "memory per device (parameters, optimizer state, EMA, frozen; activations not included):",
+        "memory per device of the state (parameters, optimizer state, EMA, frozen models):",
         describe_memory(memory_estimate(run.setup)),
+        "activations, gradients and the peak: compile the step for the hardware with",
+        f"  python -m sga_jax.plan --config {config_arg} --target h100x8|v5p-16|cpu|... [--all_buckets]",
     ]
     return "\n".join(lines)
 
@@ -70,7 +74,7 @@ def _main(argv: Sequence[str]) -> None:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if _DRY_RUN.value:
-        print(dry_run_report(run), flush=True)
+        print(dry_run_report(run, config_flags.get_config_filename(flags.FLAGS["config"])), flush=True)
         return
     try:
         result = train(config, _WORKDIR.value, run=run)

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from sga_jax.parallel import DEFAULT_RULES, MESH_AXES
+from sga_jax.train import compile_cache
 from sga_jax.train.optim import SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nan_guard = ml_collections.ConfigDict({"max_consecutive": 10})
     c.checkpoint = ml_collections.ConfigDict({"max_to_keep": 3, "keep_period": 0, "async_save": True})
     c.logging = ml_collections.ConfigDict({"tensorboard": True, "progress_bar": True})
+    c.compilation_cache = compile_cache.default_config()  # on, in WORKDIR/compilation_cache
     return c
 
 
