@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from sga_jax.data.buckets import Bucket
+from sga_jax.data.buckets import Bucket, bucket_name
 from sga_jax.data.pipeline import buckets_from_config
 from sga_jax.plan import levers as levers_lib
 from sga_jax.plan import targets as targets_lib
@@ -133,6 +133,9 @@ def plan(config: ml_collections.ConfigDict, target: targets_lib.Target, buckets:
         usable, source = memory_bytes, "--memory_gib"
     results = []
     for bucket in buckets:
+        if bucket not in config_buckets(config):
+            progress(f"note: {bucket_name(bucket)} is not one of config.data's buckets: training would not use it "
+                     "(see config.data.buckets.max_long_edge / pixel_budget / fixed)")
         first = plan_step(config, target, bucket, device_list, usable=usable, progress=progress)
         trials: tuple[Trial, ...] = ()
         if suggest and first.fits is False:

@@ -93,6 +93,8 @@ def _bucket_lines(result: BucketResult) -> list[str]:
     lines = [f"bucket {plan.bucket} ({plan.examples_per_device:g} examples per device): {_verdict(plan)}"]
     if plan.compiler_error:
         lines.append(f"    compiler: {plan.compiler_error}")
+    if plan.note:
+        lines.append(f"    note: {plan.note}")
     lines += _memory_lines(plan) + _work_lines(plan)
     lines.append(f"    compiled in {plan.compile_s:.1f} s (built and traced in {plan.trace_s:.1f} s)")
     if result.trials:

@@ -94,6 +94,7 @@ class StepPlan:
     trace_s: float
     compile_s: float
     compiler_error: str | None = None  # a TPU compile that ran out of memory
+    note: str | None = None  # how the compile departed from the defaults, when it had to
 
     @property
     def short_by(self) -> int | None:
@@ -196,6 +197,29 @@ def with_compiled(memory: Memory, stats: Any, platform: str) -> Memory:
         compiled_arguments=stats.argument_size_in_bytes)
 
 
+# XLA's GPU compiler without a device cannot autotune; at some shapes its Triton GEMM emitter then
+# finds no tiling and fails. cuBLAS GEMMs (Triton GEMMs off) compile; the plan says so.
+_NO_TILING = "Couldn't find output tile sizes"
+_NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compile_step(lowered: Any, platform: str) -> tuple[Any, str | None, str | None]:
+    """(compiled program or None, out-of-memory message or None, note or None) for a lowered step:
+    a TPU compile that runs out of memory is an answer, as is a GPU compile retried without Triton
+    GEMMs; anything else is raised."""
+    try:
+        return lowered.compile(), None, None
+    except Exception as exc:  # noqa: BLE001 - sorted below; the rest is raised
+        text = str(exc)
+        if is_out_of_memory(exc):
+            return None, text.strip().splitlines()[0], None
+        if platform != "gpu" or _NO_TILING not in text:
+            raise
+    note = ("the deviceless GPU compiler found no Triton tiling for a matmul, so this plan uses cuBLAS GEMMs; if the "
+            "real run fails the same way, run it with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false")
+    return lowered.compile(compiler_options=_NO_TRITON_GEMM), None, note
+
+
 def plan_step(config: ml_collections.ConfigDict, target: Target, bucket: Bucket | None, devices: list[Any], *,
               usable: int | None, progress: Progress = lambda message: None) -> StepPlan:
     """Build the run of `config` on `devices`, compile its train step for `bucket` and judge the
@@ -209,13 +233,8 @@ def plan_step(config: ml_collections.ConfigDict, target: Target, bucket: Bucket 
     cost = jaxpr_cost(step.traced.jaxpr)
     memory = argument_memory(step)
     progress(f"{name}: compiling for {target.name} ({len(devices)} devices)")
-    compile_started, error = time.perf_counter(), None
-    try:
-        compiled = step.lowered.compile()
-    except Exception as exc:  # noqa: BLE001 - only "out of memory" is an answer; the rest is raised
-        if not is_out_of_memory(exc):
-            raise
-        compiled, error = None, str(exc).strip().splitlines()[0]
+    compile_started = time.perf_counter()
+    compiled, error, note = compile_step(step.lowered, target.platform)
     compile_s = time.perf_counter() - compile_started
     if compiled is not None:
         memory = with_compiled(memory, compiled.memory_analysis(), devices[0].platform)
@@ -235,4 +254,4 @@ def plan_step(config: ml_collections.ConfigDict, target: Target, bucket: Bucket 
                     examples_per_device=int(config.batch_size) / parallel.batch_shards(run.mesh, run.rules),
                     memory=memory, usable=usable, fits=fits, flops=cost.flops, flops_per_device=cost.flops / n,
                     unknown_loops=cost.unknown_loops, step_time=step_time, trace_s=trace_s, compile_s=compile_s,
-                    compiler_error=error)
+                    compiler_error=error, note=note)
