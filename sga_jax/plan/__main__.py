@@ -16,7 +16,8 @@ Examples:
 
 --warm_cache compiles every bucket on this machine's own devices into the run's persistent
 compilation cache (WORKDIR/compilation_cache unless the config says otherwise), so the training
-run that follows loads its step instead of compiling it.
+run that follows loads its step instead of compiling it; launch it like the training command
+(on every host of a multi-host run).
 Exit status: 0 when every planned bucket fits (or there is no limit to judge by); 1 when one does
 not; 2 for a config, target or flag that cannot work.
 """
@@ -120,8 +121,12 @@ def _main(argv: Sequence[str]) -> None:
     if _WARM.value and _TARGET.value not in ("cpu", "local"):
         _fail(f"--warm_cache compiles for this machine's devices (the cache holds executables for them); "
               f"drop --target={_TARGET.value} and run it where the training runs")
+    from sga_jax import parallel
     from sga_jax.plan import planner, report, targets
     from sga_jax.train import compile_cache
+
+    if _WARM.value:
+        parallel.initialize_distributed()  # a multi-host run's step compiles on all of its processes
 
     progress = Progress()
     memory = None if _MEMORY.value is None else int(_MEMORY.value * 2**30)
