@@ -53,6 +53,10 @@ class FeatureStatistics:
         mean = self.mean
         return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
+    def frechet_distance(self, other: "FeatureStatistics") -> float:
+        """The Fréchet distance between this set's Gaussian and `other`'s (FID with Inception features)."""
+        return frechet_distance(self.mean, self.covariance, other.mean, other.covariance)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write count, sum and outer products to an .npz file."""
         np.savez(path, count=np.asarray(self.count), total=self.total, outer=self.outer)

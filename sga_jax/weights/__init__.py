@@ -11,9 +11,9 @@ Pickle checkpoints are refused: unpickling runs arbitrary code.
 """
 
 from sga_jax.weights.keymap import (
-    CONV2D, LINEAR, SAME, Concat, KeyMap, Permute, Rule, SwapHalves, TrailingOnes, Transform, check_keys,
-    export_specs, export_tensors, flat_params, load_module, load_state, read_param, rule, save_state,
-    transcode_tensors,
+    CONV2D, LINEAR, SAME, Concat, FoldedBatchNormBias, FoldedBatchNormKernel, KeyMap, Permute, Rule, SwapHalves,
+    TrailingOnes, Transform, check_keys, export_specs, export_tensors, flat_params, load_module, load_state,
+    read_param, rule, save_state, transcode_tensors,
 )
 from sga_jax.weights.reader import (
     PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointError, CheckpointReader, refuse_pickle,
@@ -22,7 +22,7 @@ from sga_jax.weights.writer import write_safetensors
 
 __all__ = [
     "CONV2D", "LINEAR", "PICKLE_SUFFIXES", "SAFETENSORS_DTYPES", "SAME", "CheckpointError", "CheckpointReader",
-    "Concat", "KeyMap", "Permute", "Rule", "SwapHalves", "TrailingOnes", "Transform", "check_keys",
-    "export_specs", "export_tensors", "flat_params", "load_module", "load_state", "read_param",
+    "Concat", "FoldedBatchNormBias", "FoldedBatchNormKernel", "KeyMap", "Permute", "Rule", "SwapHalves",
+    "TrailingOnes", "Transform", "check_keys", "export_specs", "export_tensors", "flat_params", "load_module", "load_state", "read_param",
     "refuse_pickle", "rule", "save_state", "transcode_tensors", "write_safetensors",
 ]

@@ -38,6 +38,7 @@ FAMILIES: dict[str, Family] = {
     "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2Hiera"),
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
+    "inception": Family("sga_jax.models.inception", "InceptionConfig", "InceptionV3"),
 }
 
 
