@@ -16,7 +16,9 @@
 from sga_jax.metrics.aesthetics import AestheticPredictor, aesthetic_score, load_aesthetic_predictor
 from sga_jax.metrics.clip_score import clip_pixels, clip_score
 from sga_jax.metrics.fid import InceptionStatistics, inception_features
-from sga_jax.metrics.frechet import FeatureStatistics, dinov2_features, frechet_distance
+from sga_jax.metrics.frechet import (
+    FeatureStatistics, dinov2_features, frechet_distance, load_statistics, save_statistics,
+)
 from sga_jax.metrics.reconstruction import nmse, psnr, ssim
 from sga_jax.metrics.texture import compression_ratio, glcm_score, grey64
 
@@ -34,7 +36,9 @@ __all__ = [
     "grey64",
     "inception_features",
     "load_aesthetic_predictor",
+    "load_statistics",
     "nmse",
     "psnr",
+    "save_statistics",
     "ssim",
 ]

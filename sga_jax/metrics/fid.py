@@ -21,9 +21,9 @@ from sga_jax.metrics.frechet import FeatureStatistics
 from sga_jax.models import inception
 
 
-@functools.partial(jax.jit, static_argnames=("protocol", "crop"))
-def _prepare(images: jax.Array, protocol: str, crop: int | None) -> jax.Array:
-    return inception.inception_input(images, protocol, crop=crop)
+@functools.partial(jax.jit, static_argnames="protocol")
+def _prepare(images: jax.Array, protocol: str) -> jax.Array:
+    return inception.inception_input(images, protocol)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -32,12 +32,11 @@ def _pool_features(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> ja
 
 
 def inception_features(model: inception.InceptionV3, images: jax.Array, *,
-                       protocol: str = inception.DEFAULT_PROTOCOL, crop: int | None = None) -> jax.Array:
-    """Images (B, H, W, 3) in [-1, 1] -> FID Inception pool features (B, 2048) under `protocol`
-    (`crop`: the diffusion-4k short-side resize + center-crop size, optional)."""
-    inception.check_protocol(protocol, crop)
+                       protocol: str = inception.DEFAULT_PROTOCOL) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] -> FID Inception pool features (B, 2048) under `protocol`."""
+    inception.check_protocol(protocol)
     graphdef, state = nnx.split(model)
-    return _pool_features(graphdef, state, _prepare(jnp.asarray(images), protocol, crop))
+    return _pool_features(graphdef, state, _prepare(jnp.asarray(images), protocol))
 
 
 class InceptionStatistics:
@@ -50,11 +49,11 @@ class InceptionStatistics:
     """
 
     def __init__(self, model: inception.InceptionV3, *, protocol: str = inception.DEFAULT_PROTOCOL,
-                 crop: int | None = None, batch_size: int = 16):
-        inception.check_protocol(protocol, crop)
+                 batch_size: int = 16):
+        inception.check_protocol(protocol)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.protocol, self.crop, self.batch_size = protocol, crop, batch_size
+        self.protocol, self.batch_size = protocol, batch_size
         self._graphdef, self._state = nnx.split(model)
         self._queue: list[jax.Array] = []
         self._queued = 0
@@ -62,7 +61,7 @@ class InceptionStatistics:
 
     def add(self, images: jax.Array | np.ndarray) -> None:
         """Queue a batch of images, running the network on every full batch."""
-        self._queue.append(_prepare(jnp.asarray(images), self.protocol, self.crop))
+        self._queue.append(_prepare(jnp.asarray(images), self.protocol))
         self._queued += self._queue[-1].shape[0]
         while self._queued >= self.batch_size:
             self._run(self.batch_size)

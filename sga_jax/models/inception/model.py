@@ -29,7 +29,6 @@ from flax import nnx
 
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
-from sga_jax.models.nn import pooling
 
 FEATURES = 2048
 BATCH_NORM_EPS = 1e-3
@@ -77,7 +76,7 @@ def _chain(x: jax.Array, convs: Sequence[BasicConv2d]) -> jax.Array:
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
     """The FID blocks' branch pool: 3x3, stride 1, padding 1, padded zeros not counted."""
-    return pooling.avg_pool(x, 3, 1, 1, count_include_pad=False)
+    return nn.avg_pool(x, 3, 1, 1, count_include_pad=False)
 
 
 class InceptionA(nnx.Module):
@@ -116,7 +115,7 @@ class InceptionB(nnx.Module):
         return jnp.concatenate([
             self.branch3x3(x),
             _chain(x, (self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)),
-            pooling.max_pool(x, 3, 2),
+            nn.max_pool(x, 3, 2),
         ], axis=-1)
 
 
@@ -162,7 +161,7 @@ class InceptionD(nnx.Module):
         return jnp.concatenate([
             _chain(x, (self.branch3x3_1, self.branch3x3_2)),
             _chain(x, (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)),
-            pooling.max_pool(x, 3, 2),
+            nn.max_pool(x, 3, 2),
         ], axis=-1)
 
 
@@ -186,7 +185,7 @@ class InceptionE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = pooling.max_pool(x, 3, 1, 1) if self.max_pool else _avg_pool_3x3(x)
+        pooled = nn.max_pool(x, 3, 1, 1) if self.max_pool else _avg_pool_3x3(x)
         return jnp.concatenate([
             self.branch1x1(x),
             self.branch3x3_2a(b3), self.branch3x3_2b(b3),
@@ -226,8 +225,8 @@ class InceptionV3(nnx.Module):
                              "bring images there with sga_jax.models.inception.inception_input")
         x = nn.constrain(x.astype(nn.dtype_of(self.config.dtype)), ("batch", None, None, None))
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = pooling.max_pool(x, 3, 2)
-        x = pooling.max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+        x = nn.max_pool(x, 3, 2)
+        x = nn.max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)

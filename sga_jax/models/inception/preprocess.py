@@ -6,9 +6,9 @@ under one protocol: the resize to 299 pixels and the value range differ between 
   no code), which feeds uint8 images to torchmetrics' `FrechetInceptionDistance(normalize=False)`
   pinned at torchmetrics 1.5.1 / torch-fidelity 0.3.0. There (torchmetrics <= 1.7) the images go
   through torch-fidelity's TensorFlow-1 bilinear resize to 299 x 299 (no half-pixel offset, no
-  antialias) on uint8-range values, then `(x - 128) / 128`. Optionally (`crop=size`, their
-  `fid_preprocess`) each image first has its short side resized to `size` by torchvision's
-  `F.resize` (bilinear, antialiased, rounded back to uint8) and is center-cropped to size x size.
+  antialias) on uint8-range values, then `(x - 128) / 128`. (Their `fid_preprocess` first brings
+  every image to the evaluation size, a short-side resize and center crop: `python -m
+  sga_jax.evaluate --size`, `sga_jax.evaluate.images.square`.)
 * `"pytorch-fid"`: mseitzer/pytorch-fid: images in [0, 1] resized by `F.interpolate(299,
   bilinear, align_corners=False)` without antialias, then `2x - 1`.
 
@@ -29,15 +29,10 @@ DEFAULT_PROTOCOL = "diffusion-4k"
 INPUT_SIZE = 299
 
 
-def check_protocol(protocol: str, crop: int | None = None) -> None:
-    """Raise a ValueError for an unknown protocol name or a crop the protocol does not have."""
+def check_protocol(protocol: str) -> None:
+    """Raise a ValueError for an unknown protocol name."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown FID protocol {protocol!r}; expected one of {PROTOCOLS}")
-    if crop is not None and protocol != "diffusion-4k":
-        raise ValueError(f"the {protocol!r} protocol has no resize-and-center-crop step (crop={crop}); "
-                         "it belongs to 'diffusion-4k'")
-    if crop is not None and crop < 1:
-        raise ValueError(f"crop must be a positive size, got {crop}")
 
 
 def to_uint8_levels(images: jax.Array) -> jax.Array:
@@ -45,18 +40,14 @@ def to_uint8_levels(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0))
 
 
-def inception_input(images: jax.Array, protocol: str = DEFAULT_PROTOCOL, *, crop: int | None = None) -> jax.Array:
+def inception_input(images: jax.Array, protocol: str = DEFAULT_PROTOCOL) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> the Inception input (B, 299, 299, 3) under `protocol`
-    (see the module docstring); `crop` (diffusion-4k only) is the short-side resize + center-crop
-    size. Sizes are static: each input size compiles once under jit."""
-    check_protocol(protocol, crop)
+    (see the module docstring). Sizes are static: each input size compiles once under jit."""
+    check_protocol(protocol)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected RGB images (B, H, W, 3), got shape {tuple(images.shape)}")
     size = (INPUT_SIZE, INPUT_SIZE)
     if protocol == "pytorch-fid":
         unit = (images.astype(jnp.float32) + 1.0) * 0.5
         return 2.0 * nn.resize_torch(unit, size, "bilinear") - 1.0
-    pixels = to_uint8_levels(images)
-    if crop is not None:
-        pixels = jnp.round(nn.center_crop(nn.resize_short_side(pixels, crop), (crop, crop)))
-    return (nn.resize_tf1_bilinear(pixels, size) - 128.0) / 128.0
+    return (nn.resize_tf1_bilinear(to_uint8_levels(images), size) - 128.0) / 128.0

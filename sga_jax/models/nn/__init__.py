@@ -4,6 +4,7 @@
 - `norms`: LayerNorm, GroupNorm, RMSNorm
 - `activations`: GELU variants, quick GELU, lookup by Hugging Face / PyTorch name
 - `attention`: the one attention entry point and its implementations
+- `pooling`: max and average pooling with PyTorch's padding and floor-mode semantics
 - `rope`: rotary position embeddings
 - `resample`: image resizing equal to PyTorch's, TensorFlow 1's (torch-fidelity) and torchvision's
 - `sharding`: activation sharding constraints by logical axis names
@@ -16,6 +17,7 @@ from sga_jax.models.nn.activations import ACTIVATIONS, activation, gelu_exact, g
 from sga_jax.models.nn.attention import ATTENTION_IMPLEMENTATIONS, CHUNKED_QUERY_BLOCK, attention
 from sga_jax.models.nn.norms import RMSNorm, group_norm, layer_norm
 from sga_jax.models.nn.params import Axes, Dtype, conv, dtype_of, linear, logical
+from sga_jax.models.nn.pooling import avg_pool, max_pool
 from sga_jax.models.nn.resample import (
     Taps, center_crop, resample, resize_short_side, resize_tf1_bilinear, resize_torch, short_side_size,
     tf1_bilinear_taps, torch_taps,
@@ -26,8 +28,8 @@ from sga_jax.models.nn.stack import REMAT_POLICIES, remat, scan_layers, stack_la
 
 __all__ = [
     "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "CHUNKED_QUERY_BLOCK", "REMAT_POLICIES", "Axes", "Dtype",
-    "RMSNorm", "Taps", "activation", "apply_rope", "attention", "axial_rope", "center_crop", "constrain", "conv",
-    "dtype_of", "gelu_exact", "gelu_tanh", "group_norm", "layer_norm", "linear", "logical", "quick_gelu", "remat",
-    "resample", "resize_short_side", "resize_tf1_bilinear", "resize_torch", "rope_angles", "scan_layers",
-    "short_side_size", "stack_layers", "tf1_bilinear_taps", "torch_taps",
+    "RMSNorm", "Taps", "activation", "apply_rope", "attention", "avg_pool", "axial_rope", "center_crop",
+    "constrain", "conv", "dtype_of", "gelu_exact", "gelu_tanh", "group_norm", "layer_norm", "linear", "logical",
+    "max_pool", "quick_gelu", "remat", "resample", "resize_short_side", "resize_tf1_bilinear", "resize_torch",
+    "rope_angles", "scan_layers", "short_side_size", "stack_layers", "tf1_bilinear_taps", "torch_taps",
 ]
