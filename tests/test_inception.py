@@ -14,7 +14,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from flax import nnx
 from torchvision.transforms import functional as TF
 
-from sga_jax import convert, metrics
+from sga_jax import convert, evaluate, metrics
 from sga_jax import weights as W
 from sga_jax.models import inception
 from sga_jax.weights.converted import load_model
@@ -64,15 +64,16 @@ def test_diffusion_4k_protocol_equals_torch_fidelity(nets, shape):
     assert_close_relative(nets["ours"].logits(got), want_logits.numpy(), 1e-4, "logits")
 
 
-def test_diffusion_4k_crop_is_their_fid_preprocess(nets):
-    """Diffusion-4K's `fid_preprocess`: torchvision short-side resize + center crop on uint8, then
-    torchmetrics / torch-fidelity."""
+def test_diffusion_4k_evaluation_is_their_fid_preprocess_then_torch_fidelity(nets):
+    """Diffusion-4K's whole FID input: `fid_preprocess` (torchvision short-side resize + center
+    crop on uint8), then torchmetrics <= 1.7 / torch-fidelity."""
     pixels = _uint8((300, 420), seed=3)
     tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
     with torch.inference_mode():
         want, _ = nets["torch_fidelity"](TF.center_crop(TF.resize(tensor, 256), (256, 256)))
-    got = metrics.inception_features(nets["ours"], _model_range(pixels), crop=256)
-    assert_close_relative(got, want.numpy(), 1e-4, "pool features after crop")
+    squared = np.stack([evaluate.square(image, 256) for image in pixels])
+    got = metrics.inception_features(nets["ours"], _model_range(squared))
+    assert_close_relative(got, want.numpy(), 1e-4, "pool features after resize and crop")
 
 
 def test_streaming_statistics_equal_torch_fidelity_features(nets):
@@ -123,8 +124,8 @@ def test_bad_inputs_are_named(nets, tmp_path):
         nets["ours"](jnp.zeros((1, 64, 64, 3)))
     with pytest.raises(ValueError, match="unknown FID protocol 'clean-fid'"):
         inception.inception_input(jnp.zeros((1, 8, 8, 3)), "clean-fid")
-    with pytest.raises(ValueError, match="'pytorch-fid' protocol has no resize-and-center-crop"):
-        metrics.InceptionStatistics(nets["ours"], protocol="pytorch-fid", crop=256)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        metrics.InceptionStatistics(nets["ours"], batch_size=0)
     state = random_inception_state(seed=1)
     safetensors.torch.save_file({"features.0.weight": state["fc.weight"]}, str(tmp_path / "vgg.safetensors"))
     with pytest.raises(W.CheckpointError, match="vgg.safetensors: not an InceptionV3 checkpoint"):

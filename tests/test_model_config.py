@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sga_jax.models import clip, dinov2, dinov3, flux, sam2, t5, vae
+from sga_jax.models import clip, dinov2, dinov3, flux, inception, sam2, t5, vae
 
 
 def test_model_configs_round_trip_through_json_and_check_run_settings():
@@ -27,3 +27,14 @@ def test_model_configs_round_trip_through_json_and_check_run_settings():
 def test_text_encoders_refuse_chunked_attention_which_takes_no_mask(config):
     with pytest.raises(ValueError, match=f"{type(config).__name__}.*attention 'chunked'"):
         dataclasses.replace(config, attention="chunked")
+
+
+def test_a_config_without_attention_or_remat_checks_its_dtypes():
+    """A conv net's config (the FID Inception) has no attention / remat fields; the rest still holds."""
+    config = inception.InceptionConfig()
+    assert inception.InceptionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="InceptionConfig.*dtype 'float13'"):
+        dataclasses.replace(config, dtype="float13")
+    with pytest.raises(ValueError, match="InceptionConfig.num_classes must be a positive integer"):
+        dataclasses.replace(config, num_classes=0)
+

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -193,10 +193,14 @@ def _file_pairs(pairs: Sequence[tuple[Path, Path]], reader: ImageReader,
         yield ours.name, reader(ours), reference_reader(theirs)
 
 
+Statistics = dict[str, metrics.FeatureStatistics]
+
+
 def _reference_statistics(name: str, dim: int, reference: Path | None, settings: Settings,
-                          compute: Any) -> metrics.FeatureStatistics | None:
-    """The reference set's statistics: from --reference_stats, else computed over the reference
-    folder (`compute(files, reader)`), else None (no distance to report)."""
+                          compute: Callable[[list[Path], ImageReader], metrics.FeatureStatistics],
+                          ) -> metrics.FeatureStatistics | None:
+    """The reference set's statistics: from `settings.reference_stats`, else computed over the
+    reference folder by `compute(files, reader)`, else None (no distance to report)."""
     if settings.reference_stats is not None:
         return metrics.load_statistics(settings.reference_stats, name, dim)
     if reference is not None:
@@ -204,49 +208,61 @@ def _reference_statistics(name: str, dim: int, reference: Path | None, settings:
     return None
 
 
+def _vae_run(files: Sequence[Path], reader: ImageReader, networks: Networks, settings: Settings,
+             statistics: Statistics) -> dict[str, Any]:
+    pairs = _vae_pairs(networks.vae, files, reader, settings.reconstructions)
+    return {"table": 2, **score_pairs(pairs, networks, settings, statistics)}
+
+
+def _folder_run(images: Path, files: Sequence[Path], reference: Path | None, reader: ImageReader,
+                networks: Networks, settings: Settings, statistics: Statistics) -> dict[str, Any]:
+    report: dict[str, Any] = generation_metrics(files, reader)
+    pairs = paired(files, reference) if reference is not None else []
+    if pairs:
+        report.update(table=2, unpaired=len(files) - len(pairs))
+        report.update(score_pairs(_file_pairs(pairs, reader, ImageReader(settings.size)), networks, settings,
+                                  statistics))
+    else:
+        report["table"] = 1
+    if networks.inception is not None and not pairs:
+        statistics["inception"] = folder_inception_statistics(files, reader, networks, settings, "Inception")
+        theirs = _reference_statistics("inception", inception.FEATURES, reference, settings, lambda f, r: (
+            folder_inception_statistics(f, r, networks, settings, "Inception (reference)")))
+        if theirs is not None:
+            report["gfid"] = statistics["inception"].frechet_distance(theirs)
+            report["reference_images"] = theirs.count
+    if networks.dinov2 is not None:
+        model = networks.dinov2
+        statistics["dinov2"] = dinov2_statistics(model, files, reader, settings.batch_size)
+        theirs = _reference_statistics("dinov2", model.config.hidden_size, reference, settings,
+                                       lambda f, r: dinov2_statistics(model, f, r, settings.batch_size))
+        if theirs is not None:
+            report["fd_dinov2"] = statistics["dinov2"].frechet_distance(theirs)
+    if networks.clip is not None:
+        model, tokenizer = networks.clip
+        report["clip_score"] = clip_score_mean(model, tokenizer, files, read_prompts(images), reader,
+                                               settings.batch_size)
+    if networks.aesthetics is not None:
+        report["aesthetics"] = aesthetic_mean(*networks.aesthetics, files, reader, settings.batch_size)
+    return report
+
+
 def evaluate(images: str | Path, reference: str | Path | None, networks: Networks,
              settings: Settings = Settings()) -> dict[str, Any]:
     """The report of one run (see the module docstring for the three kinds). With
     `settings.save_stats`, the evaluated set's feature statistics are written there."""
-    files = list_images(images)
+    images = Path(images)
     reference = Path(reference) if reference is not None else None
+    files = list_images(images)
     reader = ImageReader(settings.size)
-    statistics: dict[str, metrics.FeatureStatistics] = {}
+    statistics: Statistics = {}
     report: dict[str, Any] = {"images": len(files)}
     if networks.vae is not None:
         if reference is not None:
             raise ValueError("a VAE run reconstructs --images and scores them against themselves; it takes no --reference")
-        pairs = _vae_pairs(networks.vae, files, reader, settings.reconstructions)
-        report.update(table=2, **score_pairs(pairs, networks, settings, statistics))
+        report.update(_vae_run(files, reader, networks, settings, statistics))
     else:
-        report.update(generation_metrics(files, reader))
-        pairs = paired(files, reference) if reference is not None else []
-        if pairs:
-            report.update(table=2, unpaired=len(files) - len(pairs))
-            report.update(score_pairs(_file_pairs(pairs, reader, ImageReader(settings.size)), networks, settings,
-                                      statistics))
-        else:
-            report["table"] = 1
-        if networks.inception is not None and not pairs:
-            statistics["inception"] = folder_inception_statistics(files, reader, networks, settings, "Inception")
-            theirs = _reference_statistics("inception", inception.FEATURES, reference, settings, lambda f, r: (
-                folder_inception_statistics(f, r, networks, settings, "Inception (reference)")))
-            if theirs is not None:
-                report["gfid"] = statistics["inception"].frechet_distance(theirs)
-                report["reference_images"] = theirs.count
-        if networks.dinov2 is not None:
-            model = networks.dinov2
-            statistics["dinov2"] = dinov2_statistics(model, files, reader, settings.batch_size)
-            theirs = _reference_statistics("dinov2", model.config.hidden_size, reference, settings,
-                                           lambda f, r: dinov2_statistics(model, f, r, settings.batch_size))
-            if theirs is not None:
-                report["fd_dinov2"] = statistics["dinov2"].frechet_distance(theirs)
-        if networks.clip is not None:
-            model, tokenizer = networks.clip
-            report["clip_score"] = clip_score_mean(model, tokenizer, files, read_prompts(images), reader,
-                                                   settings.batch_size)
-        if networks.aesthetics is not None:
-            report["aesthetics"] = aesthetic_mean(*networks.aesthetics, files, reader, settings.batch_size)
+        report.update(_folder_run(images, files, reference, reader, networks, settings, statistics))
     if settings.save_stats is not None:
         if not statistics:
             raise ValueError("--save_stats needs a feature network (--inception or --dinov2)")
