@@ -144,6 +144,16 @@ def test_truncated_files_give_a_clear_checkpoint_error(tmp_path, fmt):
             W.CheckpointReader(tmp_path / "cut.pth")
 
 
+def test_a_storage_record_of_the_wrong_size_is_named(tmp_path):
+    torch.save({"w": torch.ones(4)}, tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as source, zipfile.ZipFile(tmp_path / "short.pth", "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info)[:8] if info.filename.endswith("/data/0") else source.read(info))
+    with pytest.raises(W.CheckpointError, match=r"short\.pth: storage record ok/data/0 has 8 bytes, its 4 elements "
+                                                r"of float32 need 16"):
+        W.CheckpointReader(tmp_path / "short.pth")
+
+
 def test_files_that_are_not_torch_checkpoints_are_clear_errors(tmp_path):
     (tmp_path / "noise.pth").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(W.CheckpointError, match=r"noise\.pth: not a readable PyTorch checkpoint"):
@@ -157,7 +167,7 @@ def test_files_that_are_not_torch_checkpoints_are_clear_errors(tmp_path):
         W.CheckpointReader(tmp_path / "plain.pkl")
     with zipfile.ZipFile(tmp_path / "other.bin", "w") as archive:
         archive.writestr("x/readme.txt", "hello")
-    with pytest.raises(W.CheckpointError, match=r"not a torch.save archive \(no x/data.pkl\)"):
+    with pytest.raises(W.CheckpointError, match=r"not a torch.save archive \(expected one <root>/data.pkl, found 0\)"):
         W.CheckpointReader(tmp_path / "other.bin")
     torch.save({"epoch": 1}, tmp_path / "empty.pt")
     with pytest.raises(W.CheckpointError, match="without named tensors"):

@@ -263,10 +263,12 @@ class TorchPickleFile:
         except (zipfile.BadZipFile, OSError) as err:
             raise CheckpointError(f"{self.path}: not a readable torch.save zip archive, truncated? ({err})") from err
         with archive:
-            names = archive.namelist()
-            root = names[0].split("/", 1)[0] if names else ""
-            if f"{root}/data.pkl" not in names:
-                raise CheckpointError(f"{self.path}: a zip file, but not a torch.save archive (no {root}/data.pkl)")
+            names = set(archive.namelist())
+            roots = sorted(name[: -len("/data.pkl")] for name in names if name.endswith("/data.pkl") and name.count("/") == 1)
+            if len(roots) != 1:
+                raise CheckpointError(f"{self.path}: a zip file, but not a torch.save archive (expected one "
+                                      f"<root>/data.pkl, found {len(roots)})")
+            root = roots[0]
             order = archive.read(f"{root}/byteorder").decode() if f"{root}/byteorder" in names else "little"
             if order not in ("little", "big"):
                 raise CheckpointError(f"{self.path}: unknown byteorder record {order!r}")
