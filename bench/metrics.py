@@ -89,8 +89,7 @@ def lpips_rows(repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     reference = reference_lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
     with tempfile.TemporaryDirectory() as tmp:
         trunk = {f"features.{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in reference.net.state_dict().items()}
-        lins = {k: v for k, v in reference.state_dict().items() if k.startswith("lin")}
-        torch.save({**trunk, **lins}, Path(tmp) / "lpips_vgg16.pth")
+        torch.save({**trunk, **reference.state_dict()}, Path(tmp) / "lpips_vgg16.pth")  # + lin{k}, lins.{k}, ...
         ours = lpips.load(Path(tmp) / "lpips_vgg16.pth")
     rng = np.random.default_rng(1)
     x, y = (rng.uniform(-1, 1, size=(LPIPS_BATCH, LPIPS_SIZE, LPIPS_SIZE, 3)).astype(np.float32) for _ in range(2))

@@ -197,7 +197,7 @@ def test_convert_cli_both_ways(files, model, tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_lin_files_and_directories(files, model, tmp_path):
+def test_lin_files_and_directories(files, reference, model, tmp_path):
     trunk = files[0] / "vgg16-397923af.pth"
     with pytest.raises(W.CheckpointError, match=r"no LPIPS lin weights \('lin0\.model\.1\.weight'\); pass lin="):
         lpips.load(trunk)
@@ -209,6 +209,9 @@ def test_lin_files_and_directories(files, model, tmp_path):
     (both / "vgg16-397923af.pth").write_bytes(trunk.read_bytes())
     (both / "vgg.pth").write_bytes(open(LIN, "rb").read())
     _assert_same_params(lpips.load(both), model)
+    whole = {f"features.{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in reference.net.state_dict().items()}
+    torch.save({**whole, **reference.state_dict()}, tmp_path / "lpips_module.pth")  # + lins.{k}, scaling_layer.*
+    _assert_same_params(lpips.load(tmp_path / "lpips_module.pth"), model)
 
 
 def test_checkpoints_that_do_not_fit_are_clear_errors(files, tmp_path):

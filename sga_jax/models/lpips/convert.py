@@ -3,8 +3,8 @@ lpips package's.
 
 * Trunk: torchvision's `vgg16-397923af.pth` (a zip pickle, read by the safe reader of
   `sga_jax.weights`) or any file with its key names, `features.{0,2,5,...,28}.{weight,bias}`, e.g.
-  timm's `vgg16.tv_in1k` safetensors. Classifier / head keys (anything outside `features.`) are
-  ignored.
+  timm's `vgg16.tv_in1k` safetensors. Classifier / head keys (anything outside `features.` and
+  `lin{k}.`) are ignored.
 * Lin layers: the lpips package's `weights/v0.1/vgg.pth` (legacy pickle), keys
   `lin{0..4}.model.1.weight` of shape (1, C, 1, 1). The lpips module names them `model.1` when
   built with dropout (its default) and `model.0` without; both are read. Which one is present is
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,9 @@ def _lin_name(reader: W.CheckpointReader) -> str:
 
 
 def _not_lpips(key: str) -> bool:
-    """Keys of the trunk's classifier or of other heads, which LPIPS does not use."""
-    return not key.startswith(("features.", "lin"))
+    """Keys LPIPS does not use: the trunk's classifier, other heads, the lpips module's `lins.{k}`
+    aliases of its `lin{k}` layers."""
+    return not (key.startswith("features.") or re.match(r"lin\d\.", key))
 
 
 def load(
