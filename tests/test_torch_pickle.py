@@ -169,6 +169,11 @@ def test_files_that_are_not_torch_checkpoints_are_clear_errors(tmp_path):
         archive.writestr("x/readme.txt", "hello")
     with pytest.raises(W.CheckpointError, match=r"not a torch.save archive \(expected one <root>/data.pkl, found 0\)"):
         W.CheckpointReader(tmp_path / "other.bin")
+    loop = {"w": torch.ones(1)}
+    loop["self"] = loop
+    torch.save(loop, tmp_path / "loop.pt")
+    with pytest.raises(W.CheckpointError, match="nested too deeply"):
+        W.CheckpointReader(tmp_path / "loop.pt")
     torch.save({"epoch": 1}, tmp_path / "empty.pt")
     with pytest.raises(W.CheckpointError, match="without named tensors"):
         W.CheckpointReader(tmp_path / "empty.pt")

@@ -200,7 +200,7 @@ class _SafeUnpickler(pickle.Unpickler):
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return root
-        view_key, start, length = view
+        _, start, length = view
         if not all(isinstance(v, int) and v >= 0 for v in (start, length)) or start + length > numel:
             raise CheckpointError(f"{self.path}: storage view {view!r} does not fit storage {key!r} of {numel} elements")
         return Storage(key, kind.dtype, length, start)
@@ -237,7 +237,10 @@ def flatten_tensors(obj: Any, path: Path) -> dict[str, TensorRef]:
             visit(item, f"{name}.{key}" if name else str(key))
 
     if isinstance(obj, (Mapping, list, tuple)):
-        visit(obj, "")
+        try:
+            visit(obj, "")
+        except RecursionError as err:  # a container holding itself, or absurd nesting
+            raise CheckpointError(f"{path}: containers nested too deeply (or holding themselves)") from err
     return found
 
 
