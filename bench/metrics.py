@@ -1,10 +1,11 @@
 """The image metrics side by side with the libraries they follow, on this machine's CPU:
 SSIM (sga-jax in JAX vs scikit-image), the GLCM score (ours in NumPy vs Diffusion-4K's
-scikit-image calls) and CLIP ViT-B/16 image + text features for CLIP score (JAX vs transformers,
-same random weights, fp32) in section "metrics"; the FID InceptionV3's pool features (JAX vs
-pytorch-fid's network, and the diffusion-4k protocol from 8-bit images vs torch-fidelity's
-extractor; same random weights, fp32) in section "metrics_fid". Medians of interleaved rounds after
-a warm-up.
+scikit-image calls), CLIP ViT-B/16 image + text features for CLIP score (JAX vs transformers,
+same random weights, fp32) and LPIPS-VGG16 forward and forward + backward (JAX vs the lpips
+package, same random trunk and its real lin weights) in section "metrics"; the FID InceptionV3's
+pool features (JAX vs pytorch-fid's network, and the diffusion-4k protocol from 8-bit images vs
+torch-fidelity's extractor; same random weights, fp32) in section "metrics_fid". Medians of
+interleaved rounds after a warm-up.
 
     python bench/metrics.py [--repeats 5] [--only metrics|fid]
 """
@@ -20,30 +21,33 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-runpy.run_path(str(ROOT / "tests" / "stubs" / "sitecustomize.py"))  # PyPI's torchvision beside CPU torch
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.torch
+import torch
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+runpy.run_path(str(ROOT / "tests" / "stubs" / "sitecustomize.py"))  # lpips's torchvision beside the CPU torch wheel
+
+import lpips as reference_lpips  # noqa: E402
 import transformers  # noqa: E402
 from skimage.feature import graycomatrix  # noqa: E402
 from skimage.measure import shannon_entropy  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-sys.path.insert(0, str(ROOT))
-
 from bench.report import markdown_table, write_section  # noqa: E402
 from sga_jax import metrics  # noqa: E402
 from sga_jax.metrics import texture  # noqa: E402
-from sga_jax.models import clip, inception  # noqa: E402
+from sga_jax.models import clip, inception, lpips  # noqa: E402
 from tests.inception_reference import pytorch_fid_network, random_inception_state  # noqa: E402
 
 SSIM_BATCH, SSIM_SIZE = 4, 512
 GLCM_SIZE = 1024
 CLIP_BATCH = 8
+LPIPS_BATCH, LPIPS_SIZE = 4, 256
 FID_BATCH, FID_SOURCE = 8, 512
 
 
@@ -72,9 +76,8 @@ def clip_pair(tmp: str) -> tuple[transformers.CLIPModel, clip.ClipModel]:
     return reference, clip.load_clip_model(tmp)
 
 
-def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, list]]:
-    """Median seconds of each blocking callable over `repeats` interleaved rounds, after one warm-up
-    (and compile) call each; also the raw times."""
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm every run up (and compile), then time `repeats` rounds of all of them in turn: (times, medians)."""
     for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -83,11 +86,55 @@ def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tup
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, times
+    return times, {name: statistics.median(t) for name, t in times.items()}
+
+
+def lpips_rows(repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """LPIPS-VGG16 distance of two batches, forward and forward + input gradient, JAX vs lpips.LPIPS
+    (the same random trunk, the package's lin weights); rows of the table and the JSON record."""
+    reference = reference_lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        trunk = {f"features.{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in reference.net.state_dict().items()}
+        torch.save({**trunk, **reference.state_dict()}, Path(tmp) / "lpips_vgg16.pth")  # + lin{k}, lins.{k}, ...
+        ours = lpips.load(Path(tmp) / "lpips_vgg16.pth")
+    rng = np.random.default_rng(1)
+    x, y = (rng.uniform(-1, 1, size=(LPIPS_BATCH, LPIPS_SIZE, LPIPS_SIZE, 3)).astype(np.float32) for _ in range(2))
+    x_t, y_t = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()) for a in (x, y))
+    graphdef, state = nnx.split(ours)
+    forward = jax.jit(lambda s, a, b: nnx.merge(graphdef, s)(a, b))
+    backward = jax.jit(lambda s, a, b: jax.value_and_grad(lambda a: nnx.merge(graphdef, s)(a, b).sum())(a))
+    x_j, y_j = jnp.asarray(x), jnp.asarray(y)
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            reference(x_t, y_t)
+
+    def torch_backward() -> None:
+        a = x_t.clone().requires_grad_()
+        reference(a, y_t).sum().backward()
+
+    times, med = interleaved_medians({
+        "jax forward": lambda: forward(state, x_j, y_j).block_until_ready(),
+        "torch forward": torch_forward,
+        "jax forward+backward": lambda: jax.block_until_ready(backward(state, x_j, y_j)),
+        "torch forward+backward": torch_backward,
+    }, repeats)
+    with torch.no_grad():
+        want = reference(x_t, y_t).numpy().reshape(-1)
+    error = float(np.abs(np.asarray(forward(state, x_j, y_j)) / want - 1).max())
+    shape = f"batch {LPIPS_BATCH}, {LPIPS_SIZE}x{LPIPS_SIZE}"
+    rows = [
+        {"metric": f"LPIPS-VGG16 forward, {shape}", "sga-jax s": med["jax forward"], "reference": "lpips 0.1.4",
+         "reference s": med["torch forward"], "reference / sga-jax": med["torch forward"] / med["jax forward"]},
+        {"metric": f"LPIPS-VGG16 forward + d/dx, {shape}", "sga-jax s": med["jax forward+backward"],
+         "reference": "lpips 0.1.4 (autograd)", "reference s": med["torch forward+backward"],
+         "reference / sga-jax": med["torch forward+backward"] / med["jax forward+backward"]},
+    ]
+    return rows, {"lpips_times_s": times, "lpips_medians_s": med, "lpips_rel_error": error}
 
 
 def image_metrics(repeats: int) -> None:
-    """Section "metrics": SSIM, GLCM score, CLIP features against their references."""
+    """Section "metrics": SSIM, GLCM score, CLIP features and LPIPS against their references."""
     rng = np.random.default_rng(0)
 
     clean = np.clip(rng.normal(size=(SSIM_BATCH, SSIM_SIZE, SSIM_SIZE, 3)).cumsum(axis=2) / 20, -1, 1)
@@ -118,7 +165,7 @@ def image_metrics(repeats: int) -> None:
         "clip jax": lambda: jax.block_until_ready(clip_features(ours, jnp.asarray(pixels), jnp.asarray(ids))),
         "clip torch": torch_clip,
     }
-    med, times = interleaved_medians(runs, repeats)
+    times, med = interleaved_medians(runs, repeats)
 
     ours_image, ours_text = clip_features(ours, jnp.asarray(pixels), jnp.asarray(ids))
     with torch.inference_mode():
@@ -135,14 +182,19 @@ def image_metrics(repeats: int) -> None:
          "reference": "transformers (eager)", "reference s": med["clip torch"],
          "reference / sga-jax": med["clip torch"] / med["clip jax"]},
     ]
+    lpips_table, lpips_record = lpips_rows(repeats)
+    rows += lpips_table
     body = (
         f"Median of {repeats} interleaved rounds after a warm-up (JAX compile excluded); fp32; torch uses "
         f"{torch.get_num_threads()} threads. The same values come out on both sides (tests/test_metrics.py, "
-        f"tests/test_clip_model.py); here the CLIP image features differ by {image_error:.1e} relative to their "
-        "largest entry. Ratios above 1: sga-jax is faster.\n\n" + markdown_table(rows)
+        f"tests/test_clip_model.py, tests/test_lpips.py); here the CLIP image features differ by {image_error:.1e} "
+        f"relative to their largest entry and the LPIPS distances by {lpips_record['lpips_rel_error']:.1e} relative. "
+        "LPIPS runs its two images through the trunk separately and differentiates one of them, as the VAE stage's "
+        "loss does. Ratios above 1: sga-jax is faster.\n\n" + markdown_table(rows)
     )
     write_section("metrics", "Image metrics (bench/metrics.py)", body, {"times_s": times, "medians_s": med,
-                                                                        "clip_image_rel_error": image_error})
+                                                                        "clip_image_rel_error": image_error,
+                                                                        **lpips_record})
     print(markdown_table(rows))
 
 
@@ -178,7 +230,7 @@ def fid_inception(repeats: int) -> None:
         "jax diffusion-4k": lambda: metrics.inception_features(ours, pixels_j).block_until_ready(),
         "torch-fidelity": torch_run(fidelity, pixels_t),
     }
-    med, times = interleaved_medians(runs, repeats)
+    times, med = interleaved_medians(runs, repeats)
     (want_299,), (want_4k,) = runs["pytorch-fid 299"](), runs["torch-fidelity"]()
     errors = {name: float(np.abs(np.asarray(runs[run]()) - want).max() / np.abs(want).max())
               for name, run, want in (("299", "jax 299", want_299.numpy()[:, :, 0, 0]),

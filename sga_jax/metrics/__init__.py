@@ -9,6 +9,7 @@
   InceptionV3 of `sga_jax.models.inception` under a named input protocol.
 * Prompt alignment (`clip_score.py`): CLIP score with a full CLIP model (`sga_jax.models.clip`).
 * Aesthetics (`aesthetics.py`): the LAION improved aesthetic predictor on CLIP image embeddings.
+* Perceptual distance (`lpips.py`): LPIPS-VGG16 of image pairs, with `sga_jax.models.lpips`.
 
 `python -m sga_jax.evaluate` runs them over folders of images.
 """
@@ -19,6 +20,7 @@ from sga_jax.metrics.fid import InceptionStatistics, inception_features
 from sga_jax.metrics.frechet import (
     FeatureStatistics, dinov2_features, frechet_distance, load_statistics, save_statistics,
 )
+from sga_jax.metrics.lpips import lpips_distance, mean_lpips
 from sga_jax.metrics.reconstruction import nmse, psnr, ssim
 from sga_jax.metrics.texture import compression_ratio, glcm_score, grey64
 
@@ -37,6 +39,8 @@ __all__ = [
     "inception_features",
     "load_aesthetic_predictor",
     "load_statistics",
+    "lpips_distance",
+    "mean_lpips",
     "nmse",
     "psnr",
     "save_statistics",
