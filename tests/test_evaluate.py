@@ -4,13 +4,16 @@ paper's Table 2 for a tiny random VAE on scikit-image's photographs and Table 1 
 folder, with a random FID Inception."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 import safetensors.torch
+import lpips as reference_lpips
 import torch
+import torchvision
 import transformers
 from flax import nnx
 from PIL import Image
@@ -20,11 +23,12 @@ from sga_jax import evaluate, metrics
 from sga_jax.data.sources import skimage_sample_dataset
 from sga_jax.demo import CAPTIONS
 from sga_jax.evaluate.__main__ import main
-from sga_jax.models import clip, dinov2, inception, vae
+from sga_jax.models import clip, dinov2, inception, lpips, vae
 from tests.inception_reference import random_inception_state
 from tests.torch_reference import randomize_
 
 BATCH = 2
+LPIPS_LIN = os.path.join(os.path.dirname(reference_lpips.__file__), "weights", "v0.1", "vgg.pth")
 
 
 def _write(folder, images):
@@ -45,10 +49,12 @@ def folders(tmp_path_factory):
     reference = transformers.Dinov2Model(config)
     randomize_(reference, seed=1, scale=0.2)
     reference.save_pretrained(root / "dinov2", safe_serialization=True)
-    safetensors.torch.save_file(random_inception_state(seed=0), str(root / "inception.safetensors"))
+    torch.save(random_inception_state(seed=0), root / inception.WEIGHTS_FILE)  # as pytorch-fid ships it
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), root / "vgg16-397923af.pth")  # random trunk
     return {"originals": _write(root / "originals", originals), "recons": _write(root / "recons", recons),
-            "dinov2": root / "dinov2", "arrays": (originals, recons), "inception": root / "inception.safetensors",
-            "photos": skimage_sample_dataset(root / "photos", CAPTIONS)}
+            "dinov2": root / "dinov2", "arrays": (originals, recons), "inception": root / inception.WEIGHTS_FILE,
+            "vgg": root / "vgg16-397923af.pth", "photos": skimage_sample_dataset(root / "photos", CAPTIONS)}
 
 
 def test_report_equals_the_metrics_called_directly(folders, tmp_path):
@@ -112,21 +118,24 @@ def test_vae_table2_on_photographs(folders, tmp_path):
     ae = _tiny_vae(tmp_path / "ae.safetensors")
     out = tmp_path / "vae.json"
     assert main(["--images", str(folders["photos"]), "--vae", str(tmp_path / "ae.safetensors"), "--vae_f16",
-                 "--inception", str(folders["inception"]), "--size", "96", "--batch_size", str(BATCH),
-                 "--reconstructions", str(tmp_path / "recon"), "--out", str(out)]) == 0
+                 "--inception", str(folders["inception"]), "--lpips_vgg", str(folders["vgg"]), "--lpips_lin", LPIPS_LIN,
+                 "--size", "96", "--batch_size", str(BATCH), "--reconstructions", str(tmp_path / "recon"),
+                 "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["table"] == 2 and report["pairs"] == report["images"] == len(CAPTIONS)
     assert report["resolution"] == "96x96" and report["fid_protocol"] == "diffusion-4k"
     net = inception.load(folders["inception"])
+    perceptual = lpips.load(folders["vgg"], LPIPS_LIN)
     ours, theirs = (metrics.InceptionStatistics(net, batch_size=BATCH) for _ in range(2))
-    values = {"psnr": [], "ssim": [], "nmse": []}
+    values = {"psnr": [], "ssim": [], "nmse": [], "lpips": []}
     for path in evaluate.list_images(folders["photos"]):
         original = evaluate.square(evaluate.read_rgb(path), 96)
         recon = evaluate.reconstruct(ae, original)  # 96 > tile_threshold: the tiled path
         np.testing.assert_array_equal(recon, evaluate.read_rgb(tmp_path / "recon" / f"{path.stem}.png"))
         a, b = (jnp.asarray(x[None] / 127.5 - 1.0, jnp.float32) for x in (recon, original))
-        for name in values:
+        for name in ("psnr", "ssim", "nmse"):
             values[name].append(float(getattr(metrics, name)(a, b)[0]))
+        values["lpips"].append(float(metrics.lpips_distance(perceptual, a, b)[0]))
         ours.add(a)
         theirs.add(b)
     for name, v in values.items():
@@ -134,7 +143,9 @@ def test_vae_table2_on_photographs(folders, tmp_path):
     assert report["rfid"] == pytest.approx(ours.finish().frechet_distance(theirs.finish()), rel=1e-6)
     table = out.with_suffix(".md").read_text()
     assert "| Model | Resolution | rFID | NMSE | PSNR | SSIM | LPIPS |" in table
-    assert f"| ae.safetensors | 96x96 | {report['rfid']:.2f} |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| ae.safetensors | 96x96 |"))
+    cells = [float(cell) for cell in row.strip("| ").split(" | ")[2:]]  # every column, LPIPS included
+    assert cells == pytest.approx([report[k] for k in ("rfid", "nmse", "psnr", "ssim", "lpips")], rel=1e-2, abs=1e-4)
     assert "rFID: FID InceptionV3 pool features (2048-d), protocol diffusion-4k" in table
 
 
@@ -156,7 +167,9 @@ def test_bad_inputs_are_named(folders, tmp_path):
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"x\.png: not an image"):
         evaluate.read_rgb(tmp_path / "broken" / "x.png")
-    for argv in (["--save_stats", str(tmp_path / "s.npz")], ["--vae_f16"],
+    with pytest.raises(ValueError, match="LPIPS compares image pairs"):
+        evaluate.evaluate(folders["originals"], None, evaluate.Networks(lpips=object()))
+    for argv in (["--save_stats", str(tmp_path / "s.npz")], ["--vae_f16"], ["--lpips_lin", LPIPS_LIN],
                  ["--vae", str(tmp_path), "--reference", str(folders["recons"])]):
         with pytest.raises(SystemExit):
             main(["--images", str(folders["originals"]), *argv])

@@ -107,14 +107,24 @@ def test_fid_equals_pytorch_fid_calculate_frechet_distance(samples):
     assert sa.frechet_distance(sa) == pytest.approx(0.0, abs=1e-6 * np.trace(sa.covariance))
 
 
-def test_convert_cli_and_converted_directory(nets, tmp_path):
-    assert convert.main(["inception", str(nets["root"] / "inception.safetensors"), str(tmp_path / "conv")]) == 0
-    assert json.loads((tmp_path / "conv" / "sga_config.json").read_text())["family"] == "inception"
-    loaded = load_model("inception", tmp_path / "conv")
-    ours, theirs = W.flat_params(nnx.state(nets["ours"], nnx.Param)), W.flat_params(nnx.state(loaded, nnx.Param))
+def _assert_same_params(a, b):
+    ours, theirs = W.flat_params(nnx.state(a, nnx.Param)), W.flat_params(nnx.state(b, nnx.Param))
     assert ours.keys() == theirs.keys()
     for name in ours:
         np.testing.assert_array_equal(np.asarray(ours[name].get_value()), np.asarray(theirs[name].get_value()))
+
+
+def test_pytorch_fid_pth_file_loads_through_the_safe_reader(nets, tmp_path):
+    """pytorch-fid's weights ship as a `torch.save` pickle: zip format, and the legacy format too."""
+    _assert_same_params(inception.load(nets["root"] / inception.WEIGHTS_FILE), nets["ours"])
+    torch.save(random_inception_state(seed=0), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    _assert_same_params(inception.load(tmp_path / "legacy.pth"), nets["ours"])
+
+
+def test_convert_cli_and_converted_directory(nets, tmp_path):
+    assert convert.main(["inception", str(nets["root"] / inception.WEIGHTS_FILE), str(tmp_path / "conv")]) == 0
+    assert json.loads((tmp_path / "conv" / "sga_config.json").read_text())["family"] == "inception"
+    _assert_same_params(load_model("inception", tmp_path / "conv"), nets["ours"])
     with pytest.raises(SystemExit):
         convert.main(["inception", str(tmp_path / "conv"), str(tmp_path / "out"), "--export", "torchvision"])
 

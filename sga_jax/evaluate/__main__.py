@@ -5,9 +5,11 @@
         --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-base-patch16/ \\
         --aesthetics predictor.safetensors --aesthetics_clip clip-vit-large-patch14/
     # Table 2 from reconstructions paired by name with their originals
-    python -m sga_jax.evaluate --images recon/ --reference originals/ --inception inception.pth
+    python -m sga_jax.evaluate --images recon/ --reference originals/ --inception inception.pth \
+        --lpips_vgg vgg16-397923af.pth --lpips_lin vgg.pth
     # Table 2 for a VAE: reconstruct the originals here (tiled when large), then score them
-    python -m sga_jax.evaluate --images originals/ --vae ae.safetensors --vae_f16 --inception inception.pth
+    python -m sga_jax.evaluate --images originals/ --vae ae.safetensors --vae_f16 --inception inception.pth \
+        --lpips_vgg vgg16-397923af.pth --lpips_lin vgg.pth
     # reference statistics once, reused later
     python -m sga_jax.evaluate --images real/ --inception inception.pth --save_stats real.npz
     python -m sga_jax.evaluate --images samples/ --inception inception.pth --reference_stats real.npz
@@ -30,7 +32,7 @@ from pathlib import Path
 from sga_jax import metrics
 from sga_jax.evaluate.run import Networks, Settings, evaluate
 from sga_jax.evaluate.tables import markdown
-from sga_jax.models import clip, dinov2, inception
+from sga_jax.models import clip, dinov2, inception, lpips
 from sga_jax.text import load_tokenizer
 from sga_jax.weights.converted import load_model
 
@@ -50,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                                       "reconstruct --images and report Table 2")
     parser.add_argument("--vae_f16", action="store_true", help="run the VAE in its F16 form (Diffusion-4K's SC-VAE)")
     parser.add_argument("--reconstructions", help="with --vae: also write the reconstructions as PNG files here")
+    parser.add_argument("--lpips_vgg", help="LPIPS's VGG16 trunk (torchvision's vgg16-397923af.pth or a safetensors "
+                                            "file with its names), or a converted LPIPS dir: adds LPIPS to Table 2")
+    parser.add_argument("--lpips_lin", help="LPIPS's lin layers (the lpips package's weights/v0.1/vgg.pth)")
     parser.add_argument("--dinov2", help="save_pretrained DINOv2 directory: adds FD-DINOv2")
     parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
     parser.add_argument("--save_stats", help="write the evaluated images' feature statistics to this .npz")
@@ -66,6 +71,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--save_stats and --reference_stats need --inception or --dinov2")
     if bool(args.aesthetics) != bool(args.aesthetics_clip):
         parser.error("--aesthetics and --aesthetics_clip go together")
+    if args.lpips_lin and not args.lpips_vgg:
+        parser.error("--lpips_lin needs --lpips_vgg (the trunk)")
     if (args.vae_f16 or args.reconstructions) and not args.vae:
         parser.error("--vae_f16 and --reconstructions need --vae")
     if args.vae and (args.reference or args.clip or args.aesthetics or args.dinov2 or args.reference_stats):
@@ -79,6 +86,8 @@ def _networks(args: argparse.Namespace) -> Networks:
         networks.inception = load_model("inception", args.inception)
     if args.vae:
         networks.vae = load_model("vae", args.vae, **({"f16": True} if args.vae_f16 else {}))
+    if args.lpips_vgg:
+        networks.lpips = lpips.load(args.lpips_vgg, args.lpips_lin)
     if args.dinov2:
         networks.dinov2 = dinov2.load(args.dinov2)
     if args.clip:

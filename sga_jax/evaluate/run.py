@@ -7,7 +7,8 @@ Three kinds of run, told apart by their inputs:
   against a reference set (`reference`, or its saved statistics), CLIP score and aesthetics when
   their networks are given;
 * reconstructions paired by file name with their originals in `reference` (Table 2): NMSE, PSNR,
-  SSIM, LPIPS per pair and rFID between the two sets (plus GLCM and compression ratio);
+  SSIM and LPIPS (when its network is given) per pair and rFID between the two sets (plus GLCM and
+  compression ratio);
 * originals reconstructed here through a VAE (`Networks.vae`, Table 2): each image is encoded
   and decoded (tiled when large), quantised to 8 bits as if saved, and scored against itself.
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from sga_jax import metrics
 from sga_jax.data.transforms import to_pixels
 from sga_jax.evaluate.images import ImageReader, batches, crop_to_multiple, list_images, paired, to_model_range
-from sga_jax.models import clip, dinov2, inception, vae
+from sga_jax.models import clip, dinov2, inception, lpips, vae
 from sga_jax.text import tokenize
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Networks:
     clip: tuple[clip.ClipModel, Any] | None = None
     aesthetics: tuple[clip.ClipModel, metrics.AestheticPredictor] | None = None
     vae: vae.AutoEncoder | None = None
+    lpips: lpips.LPIPS | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +140,19 @@ def aesthetic_mean(clip_model: clip.ClipModel, predictor: metrics.AestheticPredi
 def score_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], networks: Networks, settings: Settings,
                 statistics: dict[str, metrics.FeatureStatistics]) -> dict[str, Any]:
     """Table 2 over (name, evaluated uint8 image, reference uint8 image) triples: mean PSNR (dB),
-    SSIM and NMSE, and rFID between the two sets when the Inception is given (the evaluated set's
-    Inception statistics go into `statistics`)."""
-    values: dict[str, list[float]] = {"psnr": [], "ssim": [], "nmse": []}
+    SSIM, NMSE and (with its network) LPIPS, and rFID between the two sets when the Inception is
+    given (the evaluated set's Inception statistics go into `statistics`)."""
+    scores = {"psnr": metrics.psnr, "ssim": metrics.ssim, "nmse": metrics.nmse}
+    if networks.lpips is not None:
+        scores["lpips"] = functools.partial(metrics.lpips_distance, networks.lpips)
+    values: dict[str, list[float]] = {metric: [] for metric in scores}
     streams = (_inception_stats(networks, settings), _inception_stats(networks, settings)) if networks.inception else ()
     for name, ours, theirs in pairs:
         if ours.shape != theirs.shape:
             raise ValueError(f"{name}: the evaluated image is {ours.shape[:2]} but its reference is {theirs.shape[:2]}")
         a, b = jnp.asarray(to_model_range(ours)), jnp.asarray(to_model_range(theirs))
-        for metric in values:
-            values[metric].append(float(getattr(metrics, metric)(a, b)[0]))
+        for metric, score in scores.items():
+            values[metric].append(float(score(a, b)[0]))
         for stream, image in zip(streams, (a, b)):
             stream.add(image)
     if not values["psnr"]:
@@ -216,8 +221,11 @@ def _vae_run(files: Sequence[Path], reader: ImageReader, networks: Networks, set
 
 def _folder_run(images: Path, files: Sequence[Path], reference: Path | None, reader: ImageReader,
                 networks: Networks, settings: Settings, statistics: Statistics) -> dict[str, Any]:
-    report: dict[str, Any] = generation_metrics(files, reader)
     pairs = paired(files, reference) if reference is not None else []
+    if networks.lpips is not None and not pairs:
+        raise ValueError("LPIPS compares image pairs: give --reference with same-named originals, or --vae"
+                         + (f" (no file of {images} has a same-named partner in {reference})" if reference else ""))
+    report: dict[str, Any] = generation_metrics(files, reader)
     if pairs:
         report.update(table=2, unpaired=len(files) - len(pairs))
         report.update(score_pairs(_file_pairs(pairs, reader, ImageReader(settings.size)), networks, settings,

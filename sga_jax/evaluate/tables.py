@@ -43,7 +43,7 @@ def markdown(report: dict[str, Any], model: str, dataset: str) -> str:
                      f"{report['fid_protocol']}: {PROTOCOL_TEXT[report['fid_protocol']]}; statistics in float64.")
     if report["table"] == 2:
         lines.append("NMSE, PSNR (dB) and SSIM on 8-bit RGB; means over image pairs." + (
-            " LPIPS: VGG16 trunk with the LPIPS v0.1 linear layers." if "lpips" in report else ""))
+            " LPIPS: VGG16 trunk with the LPIPS v0.1 lin layers, on [-1, 1] images." if "lpips" in report else ""))
     missing = [title for title, key in columns if key not in report]
     if missing:
         lines.append(f"Not computed: {', '.join(missing)} (see python -m sga_jax.evaluate --help).")

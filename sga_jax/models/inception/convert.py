@@ -1,6 +1,7 @@
 """FID Inception weights in: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (torch-fidelity's
-`weights-inception-2015-12-05-6726825d.pth` has the same tensors), or any safetensors file with
-the same torchvision `Inception3` key names.
+`weights-inception-2015-12-05-6726825d.pth` has the same tensors; either `torch.save` pickle is read
+by the safe reader of `sga_jax.weights`, which runs nothing from the file), or any safetensors file
+with the same torchvision `Inception3` key names.
 
 Each `X.conv.weight` + `X.bn.{weight,bias,running_mean,running_var}` becomes our folded
 `X.conv.{kernel,bias}` (BatchNorm eps 1e-3); `fc.{weight,bias}` the 1008-class head; the
