@@ -3,7 +3,7 @@
     # Table 1 (generated images): gFID against real images, CLIP score, aesthetics, GLCM, compression ratio
     python -m sga_jax.evaluate --images samples/ --reference real/ --size 2048 \\
         --inception pt_inception-2015-12-05-6726825d.pth --clip clip-vit-base-patch16/ \\
-        --aesthetics predictor.safetensors --aesthetics_clip clip-vit-large-patch14/
+        --aesthetics sac+logos+ava1-l14-linearMSE.pth --aesthetics_clip clip-vit-large-patch14/
     # Table 2 from reconstructions paired by name with their originals
     python -m sga_jax.evaluate --images recon/ --reference originals/ --inception inception.pth \
         --lpips_vgg vgg16-397923af.pth --lpips_lin vgg.pth
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
     parser.add_argument("--save_stats", help="write the evaluated images' feature statistics to this .npz")
     parser.add_argument("--clip", help="save_pretrained CLIPModel directory with its tokenizer: adds CLIP score")
-    parser.add_argument("--aesthetics", help="the LAION aesthetic predictor as safetensors: adds its mean score")
+    parser.add_argument("--aesthetics", help="the LAION aesthetic predictor (its published .pth or a safetensors file with the same keys): adds its mean score")
     parser.add_argument("--aesthetics_clip", help="the CLIPModel directory (ViT-L/14) the predictor reads")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", help="JSON report path (default: IMAGES/metrics.json); the table goes beside it (.md)")
