@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     module = family(args.family).load_module()
     if args.export:
+        if not hasattr(module, "save"):
+            parser.error(f"the {args.family} family is import-only: it has no export format")
         model = load_model(args.family, args.src)
         kwargs = {"format": args.export}
         if args.dtype:

@@ -14,9 +14,9 @@
 
 from sga_jax.weights.fileio import CheckpointError
 from sga_jax.weights.keymap import (
-    CONV2D, LINEAR, SAME, Concat, KeyMap, Permute, Rule, SwapHalves, TrailingOnes, Transform, check_keys,
-    export_specs, export_tensors, flat_params, load_module, load_state, read_param, rule, save_state,
-    transcode_tensors,
+    CONV2D, LINEAR, SAME, Concat, FoldedBatchNormBias, FoldedBatchNormKernel, KeyMap, Permute, Rule, SwapHalves,
+    TrailingOnes, Transform, check_keys, export_specs, export_tensors, flat_params, load_module, load_state,
+    read_param, rule, save_state, transcode_tensors,
 )
 from sga_jax.weights.reader import PICKLE_SUFFIXES, SAFETENSORS_DTYPES, CheckpointReader
 from sga_jax.weights.torch_pickle import TorchPickleFile, UnsafePickleError
@@ -24,7 +24,8 @@ from sga_jax.weights.writer import write_safetensors
 
 __all__ = [
     "CONV2D", "LINEAR", "PICKLE_SUFFIXES", "SAFETENSORS_DTYPES", "SAME", "CheckpointError", "CheckpointReader",
-    "Concat", "KeyMap", "Permute", "Rule", "SwapHalves", "TorchPickleFile", "TrailingOnes", "Transform",
-    "UnsafePickleError", "check_keys", "export_specs", "export_tensors", "flat_params", "load_module", "load_state",
-    "read_param", "rule", "save_state", "transcode_tensors", "write_safetensors",
+    "Concat", "FoldedBatchNormBias", "FoldedBatchNormKernel", "KeyMap", "Permute", "Rule", "SwapHalves",
+    "TorchPickleFile", "TrailingOnes", "Transform", "UnsafePickleError", "check_keys", "export_specs",
+    "export_tensors", "flat_params", "load_module", "load_state", "read_param", "rule", "save_state",
+    "transcode_tensors", "write_safetensors",
 ]

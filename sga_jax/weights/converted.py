@@ -45,6 +45,7 @@ FAMILIES: dict[str, Family] = {
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
     "lpips": Family("sga_jax.models.lpips", "LPIPSConfig", "LPIPS", extra_files=("lin",)),
+    "inception": Family("sga_jax.models.inception", "InceptionConfig", "InceptionV3"),
 }
 
 

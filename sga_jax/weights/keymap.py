@@ -123,6 +123,48 @@ class TrailingOnes:
         return tuple(s + (1,) * self.count for s in self.inner.their_shapes(shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldedBatchNormKernel:
+    """A conv kernel with the inference BatchNorm that follows it folded in, from their
+    (conv.weight, bn.weight, bn.running_var): `kernel * weight / sqrt(running_var + eps)`,
+    computed in float64, then `inner`'s layout (e.g. CONV2D). Import only: a folded layer cannot
+    be split back into its conv and BatchNorm."""
+
+    eps: float
+    inner: Permute = Permute()
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        kernel, weight, var = (np.asarray(t, np.float64) for t in theirs)
+        scale = weight / np.sqrt(var + self.eps)
+        return self.inner.to_ours(kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1)))
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise CheckpointError("a conv with its BatchNorm folded in cannot be exported as conv + BatchNorm")
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        (kernel,) = self.inner.their_shapes(shape)
+        return kernel, (kernel[0],), (kernel[0],)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedBatchNormBias:
+    """The bias of a conv with its inference BatchNorm folded in, from the BatchNorm's
+    (weight, bias, running_mean, running_var): `bias - running_mean * weight / sqrt(running_var + eps)`
+    in float64. Import only (see `FoldedBatchNormKernel`)."""
+
+    eps: float
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        weight, bias, mean, var = (np.asarray(t, np.float64) for t in theirs)
+        return bias - mean * weight / np.sqrt(var + self.eps)
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise CheckpointError("a conv with its BatchNorm folded in cannot be exported as conv + BatchNorm")
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * 4
+
+
 SAME = Permute()
 LINEAR = Permute((1, 0))  # PyTorch Linear (out, in) -> (in, out)
 CONV2D = Permute((2, 3, 1, 0))  # PyTorch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)

@@ -159,7 +159,7 @@ class Embeddings(nnx.Module):
         side = self.config.grid_size
         table = self.position_embeddings[...][0, 1:].reshape(side, side, -1)
         antialias = self.config.model_type == "dinov2_with_registers"
-        resized = nn.resize_bicubic_torch(table.astype(jnp.float32), grid, antialias=antialias)
+        resized = nn.resize_torch(table.astype(jnp.float32), grid, "bicubic", antialias=antialias)
         return resized.astype(table.dtype).reshape(grid[0] * grid[1], -1)
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> jax.Array:

@@ -7,6 +7,6 @@
 """
 
 from sga_jax.models.lpips.convert import key_map, load, save
-from sga_jax.models.lpips.model import LPIPS, LPIPSConfig, max_pool_2x2, unit_normalize
+from sga_jax.models.lpips.model import LPIPS, LPIPSConfig, unit_normalize
 
-__all__ = ["LPIPS", "LPIPSConfig", "key_map", "load", "max_pool_2x2", "save", "unit_normalize"]
+__all__ = ["LPIPS", "LPIPSConfig", "key_map", "load", "save", "unit_normalize"]

@@ -63,11 +63,6 @@ def unit_normalize(x: jax.Array) -> jax.Array:
     return x / (norm + EPS)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """PyTorch's `MaxPool2d(2, 2)` (floor mode: an odd last row / column is dropped)."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-
-
 class LPIPS(nnx.Module):
     """LPIPS-VGG16: `model(x, y)` -> (B,) float32 distances of two (B, H, W, 3) batches in [-1, 1]."""
 
@@ -90,7 +85,7 @@ class LPIPS(nnx.Module):
         out = []
         for stage, convs in enumerate(STAGES):
             if stage:
-                x = max_pool_2x2(x)
+                x = nn.max_pool(x, 2, 2)  # PyTorch's MaxPool2d(2, 2), floor mode
             for index in convs:
                 x = jax.nn.relu(self.features[str(index)](x))
             x = nn.constrain(x, IMAGE_AXES)

@@ -325,7 +325,7 @@ class Sam2Hiera(nnx.Module):
                 f"SAM2 Hiera: the stride-{self.config.patch_stride[0]} grid {size} must be a multiple of the "
                 f"window position embedding {(wh, ww)} (input sides multiples of {self.config.stride} always are)"
             )
-        background = nn.resize_bicubic_torch(self.pos_embed[...].astype(jnp.float32), size).astype(window.dtype)
+        background = nn.resize_torch(self.pos_embed[...].astype(jnp.float32), size, "bicubic").astype(window.dtype)
         return background + jnp.tile(window, (1, size[0] // wh, size[1] // ww, 1))
 
     def __call__(self, pixel_values: jax.Array, *, all_stages: bool = False) -> jax.Array | tuple[jax.Array, ...]:
