@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference_stats", help=".npz of reference feature statistics (from --save_stats)")
     parser.add_argument("--save_stats", help="write the evaluated images' feature statistics to this .npz")
     parser.add_argument("--clip", help="save_pretrained CLIPModel directory with its tokenizer: adds CLIP score")
-    parser.add_argument("--aesthetics", help="the LAION aesthetic predictor (its published .pth or a safetensors file with the same keys): adds its mean score")
+    parser.add_argument("--aesthetics", help="the LAION aesthetic predictor (its published .pth or a safetensors "
+                                             "file with the same keys): adds its mean score")
     parser.add_argument("--aesthetics_clip", help="the CLIPModel directory (ViT-L/14) the predictor reads")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", help="JSON report path (default: IMAGES/metrics.json); the table goes beside it (.md)")
