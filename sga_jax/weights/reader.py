@@ -13,6 +13,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from sga_jax.errors import CheckpointError
+
+
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
@@ -30,10 +33,6 @@ SAFETENSORS_DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
 }
 SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors, or a bad file."""
 
 
 def refuse_pickle(path: str | os.PathLike) -> None:
