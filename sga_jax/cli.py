@@ -13,9 +13,9 @@ this field do:
 
 Commands parse their arguments either with `ArgumentParser` (argparse: every default shown in
 `--help`, the module docstring with its examples as the description, bad arguments raised as
-`UsageError`) or with absl flags in their own `flags.FlagValues` (`run(..., flags=FLAGS)`: the
-helper parses them, loads config files up front so that a bad one is an argument error, and
-answers `--help` with the docstring and every flag's default).
+`UsageError`) or with absl flags in their own `flags.FlagValues` (`run_with_flags`: the helper
+parses them, loads config files up front so that a bad one is an argument error, and answers
+`--help` with the docstring and every flag's default).
 """
 
 from __future__ import annotations
@@ -56,21 +56,15 @@ def error_message(error: BaseException) -> str:
     return "\n".join([f"error: {first}", *detail])
 
 
-def run(command: Command, argv: Sequence[str] | None = None, *, flags: Any = None, doc: str = "",
-        configs: Sequence[Any] = ()) -> int:
+def run(command: Command, argv: Sequence[str] | None = None) -> int:
     """Run `command(args)` and return its exit status (see the module docstring).
 
-    argv: the arguments without the program name (default: sys.argv[1:]). Without `flags`, the
-    command gets them as they are and parses them itself (with `ArgumentParser`). With `flags`
-    (an absl `FlagValues`), they are parsed into it first and the command gets the positional
-    arguments left over; `configs` are that command's config-file flags, loaded during parsing;
-    `doc` is printed for `--help` above the flags.
+    argv: the arguments without the program name (default: sys.argv[1:]); the command parses
+    them itself (with `ArgumentParser`, or through `run_with_flags`).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(args)
     try:
-        if flags is not None:
-            args = parse_flags(flags, args, doc=doc, configs=configs)
         status = command(args)
     except KeyboardInterrupt:
         if debug:
@@ -85,6 +79,14 @@ def run(command: Command, argv: Sequence[str] | None = None, *, flags: Any = Non
         print(error_message(error), file=sys.stderr, flush=True)
         return 2
     return int(status or 0)
+
+
+def run_with_flags(command: Callable[[Any, list[str]], "int | None"], argv: Sequence[str] | None = None, *,
+                   define: Callable[[], Any], doc: str, configs: Sequence[str] = ()) -> int:
+    """`run` for a command with absl flags: `define()` builds its `FlagValues` (afresh for every
+    call, so that a command can run twice in one process), the arguments are parsed into them
+    (`parse_flags`), and the command gets `(flag_values, positional arguments)`."""
+    return run(lambda args: command(*parse_flags(define, args, doc=doc, configs=configs)), argv)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -111,32 +113,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def parse_flags(flag_values: Any, argv: list[str], *, doc: str, configs: Sequence[Any] = ()) -> list[str]:
-    """Parse `argv` into an absl FlagValues and return the positional arguments.
+def parse_flags(define: Callable[[], Any], argv: list[str], *, doc: str,
+                configs: Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """(absl FlagValues built by `define()` with `argv` parsed into them, the positional arguments).
 
-    `--help` prints `doc` and every flag with its default, then exits 0. Config files named by
-    `configs` (ml_collections config flags) are loaded here, so that a missing file, a bad
-    `--config.a.b=v` override or a config function's error is reported as a UsageError naming
-    the flag.
+    `--help` prints `doc` and every flag with its default, then exits 0. The config flags named
+    in `configs` (ml_collections) are loaded here, so that a missing file, a bad `--config.a.b=v`
+    override or a config function's error is reported as a UsageError naming the flag.
     """
     from absl import flags
 
-    if "debug" not in flag_values:
-        flags.DEFINE_bool("debug", False, DEBUG_HELP, flag_values=flag_values)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # libraries (Grain workers, absl logging) read the global flags
-    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv):
-        print(doc.strip(), "\n\nflags:\n", flag_values.get_help(include_special_flags=False), sep="")
-        raise SystemExit(0)
     program = os.path.basename(sys.argv[0]) or "sga_jax"
+    saved, sys.argv = sys.argv, [program, *argv]  # ml_collections reads `--config.a.b=v` overrides from sys.argv
     try:
-        rest = flag_values([program, *argv])[1:]
-        for holder in configs:
-            if holder.value is not None:
-                holder.value.keys()  # a config that failed to load raises its error on first use
+        flag_values = define()
+        flags.DEFINE_bool("debug", False, DEBUG_HELP, flag_values=flag_values)
+        if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv):
+            print(doc.strip(), "\n\nflags:\n", flag_values.get_help(include_special_flags=False), sep="")
+            raise SystemExit(0)
+        rest = flag_values(sys.argv)[1:]
+        for name in configs:
+            if flag_values[name].value is not None:
+                flag_values[name].value.keys()  # a config that failed to load raises its error on first use
     except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as error:
         raise UsageError(_flag_error(error)) from error
-    return rest
+    finally:
+        sys.argv = saved
+    return flag_values, rest
 
 
 def _flag_error(error: BaseException) -> str:

@@ -28,28 +28,31 @@ from sga_jax.data.pipeline import default_data_config
 from sga_jax.data.validate import format_report, validate, with_dataset
 from sga_jax.errors import UsageError
 
-FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A training config file whose `data` field is used.",
-                                          flag_values=FLAGS)
-_DATA = config_flags.DEFINE_config_dict("data", default_data_config(), "The data config (without --config).",
-                                        flag_values=FLAGS)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a report.", flag_values=FLAGS)
-_QUICK = flags.DEFINE_bool("quick", False, "Read image headers only instead of decoding every image.",
-                           flag_values=FLAGS)
+def define_flags() -> flags.FlagValues:
+    """The command's flags (defined afresh for every run)."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "A training config file whose `data` field is used.",
+                                    flag_values=flag_values)
+    config_flags.DEFINE_config_dict("data", default_data_config(), "The data config (without --config).",
+                                    flag_values=flag_values)
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a report.", flag_values=flag_values)
+    flags.DEFINE_bool("quick", False, "Read image headers only instead of decoding every image.",
+                      flag_values=flag_values)
+    return flag_values
 
 
-def _main(args: list[str]) -> int:
+def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
     if len(args) != 1:
         raise UsageError("give exactly one DATASET (a folder or tfds:NAME[/SPLIT]); see --help")
-    base = _CONFIG.value.data if _CONFIG.value is not None else _DATA.value
-    report = validate(with_dataset(base, args[0]), quick=_QUICK.value)
-    print(json.dumps(report) if _JSON.value else format_report(report, args[0]), flush=True)
+    base = flag_values.config.data if flag_values.config is not None else flag_values.data
+    report = validate(with_dataset(base, args[0]), quick=flag_values.quick)
+    print(json.dumps(report) if flag_values.json else format_report(report, args[0]), flush=True)
     return 0 if report["readable"] else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    return cli.run(_main, argv, flags=FLAGS, doc=__doc__, configs=(_CONFIG, _DATA))
+    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config", "data"))
 
 
 if __name__ == "__main__":

@@ -23,26 +23,30 @@ from ml_collections import config_flags
 from sga_jax import cli, encode
 from sga_jax.errors import UsageError
 
-FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `data` and `text` sections.",
-                                          flag_values=FLAGS)
+def define_flags() -> flags.FlagValues:
+    """The command's flags (defined afresh for every run)."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file with `data` and `text` sections.",
+                                    flag_values=flag_values)
+    return flag_values
 
 
-def _main(args: list[str]) -> int:
+def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
     if args:
         raise UsageError(f"unexpected arguments {args}; see --help")
-    if _CONFIG.value is None:
+    config = flag_values.config
+    if config is None:
         raise UsageError("--config is required (a config file with `data` and `text` sections)")
     cli.log_to_stderr()
-    fingerprint = encode.run(_CONFIG.value)
-    print(f"caption cache: {_CONFIG.value.data.caption_cache}")
+    fingerprint = encode.run(config)
+    print(f"caption cache: {config.data.caption_cache}")
     print(f"fingerprint: {fingerprint}  (set data.caption_cache_fingerprint to check it when training)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    return cli.run(_main, argv, flags=FLAGS, doc=__doc__, configs=(_CONFIG,))
+    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config",))
 
 
 if __name__ == "__main__":

@@ -29,33 +29,37 @@ from ml_collections import config_flags
 from sga_jax import cli, parallel
 from sga_jax.errors import UsageError
 
-FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/X.py[:arg]).",
-                                          lock_config=True, flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, TensorBoard, samples.",
-                               flag_values=FLAGS)
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate the config and print the memory estimate; do not train.",
-                             flag_values=FLAGS)
+def define_flags() -> flags.FlagValues:
+    """The command's flags (defined afresh for every run)."""
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/X.py[:arg]).", lock_config=True,
+                                    flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Work directory: checkpoints, metrics, TensorBoard, samples.",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "Validate the config and print the memory estimate; do not train.",
+                      flag_values=flag_values)
+    return flag_values
 
 
-def _main(args: list[str]) -> int:
+def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
     if args:
         raise UsageError(f"unexpected arguments {args}; see --help")
-    if _CONFIG.value is None:
+    config, workdir, dry_run = flag_values.config, flag_values.workdir, flag_values.dry_run
+    if config is None:
         raise UsageError("--config is required (e.g. --config configs/demo.py); see --help")
-    if not _DRY_RUN.value and not _WORKDIR.value:
+    if not dry_run and not workdir:
         raise UsageError("--workdir is required (or --dry_run); see --help")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
     cli.log_to_stderr()
     parallel.initialize_distributed()
     from sga_jax.train.loop import TrainingDiverged, build_run, dry_run_report, train
 
-    run = build_run(_CONFIG.value)
-    if _DRY_RUN.value:
+    run = build_run(config)
+    if dry_run:
         print(dry_run_report(run), flush=True)
         return 0
     try:
-        result = train(_CONFIG.value, _WORKDIR.value, run=run)
+        result = train(config, workdir, run=run)
     except TrainingDiverged as error:
         print(cli.error_message(error).replace("error: ", "error: training diverged: ", 1), file=sys.stderr, flush=True)
         return 1
@@ -66,7 +70,7 @@ def _main(args: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m sga_jax.train` and the `sga-train` console script; returns the exit status."""
-    return cli.run(_main, argv, flags=FLAGS, doc=__doc__, configs=(_CONFIG,))
+    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config",))
 
 
 if __name__ == "__main__":
