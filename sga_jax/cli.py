@@ -82,11 +82,19 @@ def run(command: Command, argv: Sequence[str] | None = None) -> int:
 
 
 def run_with_flags(command: Callable[[Any, list[str]], "int | None"], argv: Sequence[str] | None = None, *,
-                   define: Callable[[], Any], doc: str, configs: Sequence[str] = ()) -> int:
+                   define: Callable[[], Any], doc: str, configs: Sequence[str] = (), positional: str = "") -> int:
     """`run` for a command with absl flags: `define()` builds its `FlagValues` (afresh for every
     call, so that a command can run twice in one process), the arguments are parsed into them
-    (`parse_flags`), and the command gets `(flag_values, positional arguments)`."""
-    return run(lambda args: command(*parse_flags(define, args, doc=doc, configs=configs)), argv)
+    (`parse_flags`), and the command gets `(flag_values, positional arguments)`; `positional`
+    names the positional arguments it takes (e.g. "DATASET"), any other count is a UsageError."""
+
+    def parsed(args: list[str]) -> "int | None":
+        flag_values, rest = parse_flags(define, args, doc=doc, configs=configs)
+        if len(rest) != len(positional.split()):
+            raise UsageError(f"expected {positional or 'no positional arguments'}, got {rest}; see --help")
+        return command(flag_values, rest)
+
+    return run(parsed, argv)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -163,14 +171,17 @@ def _flag_error(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
+class _StderrHandler(logging.StreamHandler):
+    """The handler `log_to_stderr` installs (its type tells that it is installed)."""
+
+
 def log_to_stderr(level: int = logging.INFO) -> None:
     """Show sga_jax's log messages on stderr (time, module, message), once per process."""
     logger = logging.getLogger("sga_jax")
-    if any(getattr(handler, "_sga_jax_cli", False) for handler in logger.handlers):
+    if any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler._sga_jax_cli = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

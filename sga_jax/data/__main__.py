@@ -26,7 +26,6 @@ from ml_collections import config_flags
 from sga_jax import cli
 from sga_jax.data.pipeline import default_data_config
 from sga_jax.data.validate import format_report, validate, with_dataset
-from sga_jax.errors import UsageError
 
 def define_flags() -> flags.FlagValues:
     """The command's flags (defined afresh for every run)."""
@@ -42,8 +41,6 @@ def define_flags() -> flags.FlagValues:
 
 
 def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
-    if len(args) != 1:
-        raise UsageError("give exactly one DATASET (a folder or tfds:NAME[/SPLIT]); see --help")
     base = flag_values.config.data if flag_values.config is not None else flag_values.data
     report = validate(with_dataset(base, args[0]), quick=flag_values.quick)
     print(json.dumps(report) if flag_values.json else format_report(report, args[0]), flush=True)
@@ -52,7 +49,8 @@ def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config", "data"))
+    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config", "data"),
+                              positional="DATASET")
 
 
 if __name__ == "__main__":

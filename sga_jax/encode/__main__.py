@@ -21,22 +21,18 @@ from absl import flags
 from ml_collections import config_flags
 
 from sga_jax import cli, encode
-from sga_jax.errors import UsageError
 
 def define_flags() -> flags.FlagValues:
     """The command's flags (defined afresh for every run)."""
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file with `data` and `text` sections.",
                                     flag_values=flag_values)
+    flags.mark_flag_as_required("config", flag_values=flag_values)
     return flag_values
 
 
 def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
-    if args:
-        raise UsageError(f"unexpected arguments {args}; see --help")
     config = flag_values.config
-    if config is None:
-        raise UsageError("--config is required (a config file with `data` and `text` sections)")
     cli.log_to_stderr()
     fingerprint = encode.run(config)
     print(f"caption cache: {config.data.caption_cache}")

@@ -38,15 +38,12 @@ def define_flags() -> flags.FlagValues:
                         flag_values=flag_values)
     flags.DEFINE_bool("dry_run", False, "Validate the config and print the memory estimate; do not train.",
                       flag_values=flag_values)
+    flags.mark_flag_as_required("config", flag_values=flag_values)
     return flag_values
 
 
 def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
-    if args:
-        raise UsageError(f"unexpected arguments {args}; see --help")
     config, workdir, dry_run = flag_values.config, flag_values.workdir, flag_values.dry_run
-    if config is None:
-        raise UsageError("--config is required (e.g. --config configs/demo.py); see --help")
     if not dry_run and not workdir:
         raise UsageError("--workdir is required (or --dry_run); see --help")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO

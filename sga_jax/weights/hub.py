@@ -121,9 +121,10 @@ def parse(spec: str | os.PathLike) -> HubId | None:
 def resolve(spec: str | os.PathLike, layout: Layout) -> Path:
     """The local path a reader of `layout` should open for `spec` (see the module docstring).
 
-    Local paths: a file is returned as it is; a folder gives the target of the first choice of
-    `layout` it holds (or the folder itself when it holds none, for the reader to report).
-    Hub ids: the same choice, made on the repo's file list; only its files are fetched.
+    Local paths: a file (or a missing path) is returned as it is, for its reader to open or
+    report; a folder gives the target of the first choice of `layout` it holds (a CheckpointError
+    names what was looked for when it holds none). Hub ids: the same choice, made on the repo's
+    file list; only its files are fetched.
     """
     hub_id = parse(spec)
     if hub_id is None:
