@@ -11,6 +11,7 @@ weights, so they have no corrupt-file or pickle case.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -60,6 +61,15 @@ def files(tmp_path_factory):
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a black square"}) + "\n")
     (root / "empty").mkdir()
     return root
+
+
+@pytest.fixture(autouse=True)
+def sga_jax_logger():
+    """Commands send sga_jax's log to stderr (cli.log_to_stderr); undo that for the next tests."""
+    logger = logging.getLogger("sga_jax")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")
