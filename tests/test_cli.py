@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sga_jax import cli
@@ -35,6 +36,7 @@ from sga_jax.train.__main__ import main as train_main
 from sga_jax.train.export.__main__ import main as export_main
 
 ROOT = Path(__file__).resolve().parent.parent
+REFUSED = "refused to unpickle the global posix.system"
 
 
 class Forbidden:
@@ -45,16 +47,28 @@ class Forbidden:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A corrupt and a truncated safetensors file, a pickle with a forbidden global, a dataset of one
-    image, an empty folder; and the demo's assets (tiny text encoders and tokenizers)."""
+def demo_assets(tmp_path_factory):
+    from sga_jax.demo import prepare_demo_assets
+
+    return prepare_demo_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, demo_assets):
+    """A corrupt and a truncated safetensors file, a torch.save pickle with a forbidden global and a
+    save_pretrained folder (CLIP text config) whose pytorch_model.bin has one, a dataset of one
+    image, an empty folder."""
     root = tmp_path_factory.mktemp("cli")
     (root / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     from safetensors.numpy import save_file
 
     save_file({"w": np.ones((64, 64), np.float32)}, str(root / "whole.safetensors"))
     (root / "truncated.safetensors").write_bytes((root / "whole.safetensors").read_bytes()[:-100])
-    (root / "model.pt").write_bytes(pickle.dumps({"state_dict": Forbidden()}))
+    torch.save({"state_dict": {"weight": Forbidden()}}, root / "model.pt")
+    pickled = root / "pickled_model"
+    pickled.mkdir()
+    shutil.copy(demo_assets["text"] / "text_encoder" / "config.json", pickled / "config.json")
+    torch.save({"weight": Forbidden()}, pickled / "pytorch_model.bin")
     data = root / "data"
     data.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(data / "a.png")
@@ -70,13 +84,6 @@ def sga_jax_logger():
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
-
-
-@pytest.fixture(scope="module")
-def demo_assets(tmp_path_factory):
-    from sga_jax.demo import prepare_demo_assets
-
-    return prepare_demo_assets(tmp_path_factory.mktemp("assets"))
 
 
 def one_error(capsys, status: int, *fragments: str) -> str:
@@ -137,7 +144,7 @@ def test_train(files, demo_assets, capsys, monkeypatch):
     one_error(capsys, train_main([*base, f"--config.model.flux.weights={files / 'corrupt.safetensors'}"]),
               f"{files / 'corrupt.safetensors'}: not a readable safetensors file")
     one_error(capsys, train_main([*base, f"--config.model.vae.weights={files / 'model.pt'}"]),
-              f"{files / 'model.pt'}", "refused")
+              f"{files / 'model.pt'}: {REFUSED}")
     one_error(capsys, train_main([*base, "--config.align.method=bogus"]), "config.align.method='bogus'")
     one_error(capsys, train_main([*base, "--config.align.nope=1"]), "field the config does not have: 'nope'")
     one_error(capsys, train_main([*base, "--config.total_steps=many"]), "--config.total_steps=many")
@@ -166,7 +173,7 @@ def test_train_export(files, demo_assets, capsys, monkeypatch, tmp_path):
     one_error(capsys, export_main(["--workdir", str(workdir("corrupt", flux=str(files / "corrupt.safetensors"))), *out]),
               "corrupt.safetensors: not a readable safetensors file")
     one_error(capsys, export_main(["--workdir", str(workdir("pickle", vae=str(files / "model.pt"))), *out]),
-              "model.pt", "refused")
+              f"model.pt: {REFUSED}")
     one_error(capsys, export_main(["--workdir", str(workdir("plain")), *out, "--format", "onnx"]),
               "--format 'onnx': task 'flux_sga' exports ('diffusers', 'bfl')")
     one_error(capsys, export_main(["--workdir", str(workdir("steps")), *out, "--step", "ten"]),
@@ -179,10 +186,11 @@ def test_convert(files, capsys):
     one_error(capsys, convert_main(["vae", str(files / "corrupt.safetensors"), out]),
               f"{files / 'corrupt.safetensors'}: not a readable safetensors file")
     one_error(capsys, convert_main(["flux", str(files / "truncated.safetensors"), out]), "truncated.safetensors")
-    one_error(capsys, convert_main(["dinov2", str(files / "model.pt"), out]), "model.pt", "refused")
+    one_error(capsys, convert_main(["vae", str(files / "model.pt"), out]), f"model.pt: {REFUSED}")
+    one_error(capsys, convert_main(["clip", str(files / "pickled_model"), out]), f"pytorch_model.bin: {REFUSED}")
     one_error(capsys, convert_main(["dinov2", str(files / "empty"), out]),
               "empty: holds no save_pretrained model")
-    one_error(capsys, convert_main(["lpips", str(files / "empty"), out]), "argument family: invalid choice: 'lpips'")
+    one_error(capsys, convert_main(["sdxl", str(files / "empty"), out]), "argument family: invalid choice: 'sdxl'")
 
 
 def test_sample(files, capsys):
@@ -191,7 +199,7 @@ def test_sample(files, capsys):
     root = ["--root", str(files / "empty")]
     one_error(capsys, sample_main([*root, "--transformer", str(files / "corrupt.safetensors"), *out]),
               "corrupt.safetensors: not a readable safetensors file")
-    one_error(capsys, sample_main([*root, "--transformer", str(files / "model.pt"), *out]), "model.pt", "refused")
+    one_error(capsys, sample_main([*root, "--transformer", str(files / "model.pt"), *out]), f"model.pt: {REFUSED}")
     one_error(capsys, sample_main([*root, "--height", "tall", *out]), "argument --height: invalid int value: 'tall'")
     one_error(capsys, sample_main([*root, "--out", str(files / "samples")]), "give at least one --prompt")
 
@@ -216,7 +224,8 @@ def test_encode(files, demo_assets, capsys, tmp_path):
     one_error(capsys, encode_main([*base, "--config.data.path=/nope/images"]), "/nope/images is not a directory")
     one_error(capsys, encode_main([*base, f"--config.text.t5={files / 'corrupt.safetensors'}"]),
               f"{files / 'corrupt.safetensors'}: not a readable safetensors file")
-    one_error(capsys, encode_main([*base, f"--config.text.clip={files / 'model.pt'}"]), "model.pt", "refused")
+    one_error(capsys, encode_main([*base, f"--config.text.clip={files / 'pickled_model'}"]),
+              f"pytorch_model.bin: {REFUSED}")
     one_error(capsys, encode_main([*base, "--config.data.caption_cache="]), "config.data.caption_cache is empty")
     one_error(capsys, encode_main(base + ["extra"]), "expected no positional arguments, got ['extra']")
 

@@ -92,8 +92,10 @@ def test_layouts_choose_as_the_readers_do(tmp_path):
     assert hub.select_local(tmp_path / "missing.safetensors", hub.FLUX) == tmp_path / "missing.safetensors"
     with pytest.raises(CheckpointError, match=r"empty: holds no Flux VAE \(looked for sga_config.json, ae.safetensors"):
         hub.select_local(touch(tmp_path / "empty", "notes.txt"), hub.VAE)
-    with pytest.raises(CheckpointError, match="pickle checkpoints .* are refused"):
-        hub.select_local(touch(tmp_path / "pickles", "config.json", "pytorch_model.bin"), hub.PRETRAINED)
+    pickles = touch(tmp_path / "pickles", "config.json", "pytorch_model.bin")  # read by the safe unpickler
+    assert hub.select_local(pickles, hub.PRETRAINED) == pickles
+    assert hub.select(["config.json", "model.safetensors", "pytorch_model.bin"], hub.PRETRAINED).files == \
+        ("*.json", "*.safetensors")  # safetensors first: the pickles are not fetched
     assert hub.matches("a.json", "*.json") and not hub.matches("sub/a.json", "*.json")
     assert hub.matches("params/x/y/z", "params/**") and not hub.matches("paramsx", "params/**")
 

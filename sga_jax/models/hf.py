@@ -15,9 +15,7 @@ from sga_jax import weights as W
 
 
 def config_json(path: str | os.PathLike, config_class: str) -> dict[str, Any]:
-    """The config.json beside the weights (`path` a directory, or a file inside one); a pickle
-    checkpoint is refused first, whatever lies beside it."""
-    W.refuse_pickle(path)
+    """The config.json beside the weights (`path` a directory, or a file inside one)."""
     path = Path(path)
     file = (path if path.is_dir() else path.parent) / "config.json"
     if not file.exists():

@@ -24,12 +24,18 @@ CONFIG_FILE = "sga_config.json"
 @dataclasses.dataclass(frozen=True)
 class Family:
     """Where a model family lives, what its config and module classes are called, and which files
-    of a folder (or hub repo) its weights are (`hub.Layout`)."""
+    of a folder (or hub repo) its weights are (`hub.Layout`).
+
+    `extra_files` names the further checkpoint files its `load(path, ...)` takes as keyword
+    arguments (LPIPS: `lin`, its head, which ships apart from the trunk); the convert command line
+    offers each as `--NAME FILE`.
+    """
 
     module: str
     config_class: str
     model_class: str
     layout: hub.Layout = hub.PRETRAINED
+    extra_files: tuple[str, ...] = ()
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -43,6 +49,7 @@ FAMILIES: dict[str, Family] = {
     "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2Hiera"),
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
+    "lpips": Family("sga_jax.models.lpips", "LPIPSConfig", "LPIPS", extra_files=("lin",)),
 }
 
 
@@ -110,11 +117,15 @@ def load_model(name: str, path: str | Path, *, shardings: Any = None, **override
     return family(name).load_module().load(path, shardings=shardings, **overrides)
 
 
-def import_checkpoint(name: str, src: str | Path, dst: str | Path) -> Path:
-    """Read family `name`'s checkpoint at `src` (its public format; a path or hub id) and write it
-    as a converted directory `dst`; returns `dst`."""
-    model = family(name).load_module().load(resolve_weights(name, src))
-    return save_converted(name, model, dst)
+def import_checkpoint(name: str, src: str | Path, dst: str | Path, **extra_files: str | Path) -> Path:
+    """Read family `name`'s checkpoint at `src` (its public format; a path or hub id), with the
+    family's `extra_files` given by name, and write it as a converted directory `dst`; returns `dst`."""
+    entry = family(name)
+    unknown = sorted(set(extra_files) - set(entry.extra_files))
+    if unknown:
+        raise ConfigError(f"--{unknown[0]} is not an input of the {name} import (it takes {list(entry.extra_files)})")
+    extra = {key: resolve_weights(name, path) for key, path in extra_files.items()}
+    return save_converted(name, entry.load_module().load(resolve_weights(name, src), **extra), dst)
 
 
 def export_checkpoint(name: str, src: str | Path, dst: str | Path, *, format: str, dtype: str | None = None) -> None:

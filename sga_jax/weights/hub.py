@@ -37,7 +37,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from sga_jax.errors import CheckpointError, HubError
-from sga_jax.weights.reader import refuse_pickle
 
 HUB_PREFIX = "hf://"
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[^:]+))?(?::(?P<path>.+))?")
@@ -57,12 +56,12 @@ class HubId:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """One way a folder can hold what a reader needs: selected when a file matches `marker`;
-    `files` are the patterns to fetch, `target` the path handed to the reader ("" = the folder).
-    Patterns match whole paths relative to the folder; `*` stays inside one folder level and a
-    trailing `/**` takes everything below a folder."""
+    """One way a folder can hold what a reader needs: selected when a file matches one of
+    `markers`; `files` are the patterns to fetch, `target` the path handed to the reader ("" =
+    the folder). Patterns match whole paths relative to the folder; `*` stays inside one folder
+    level and a trailing `/**` takes everything below a folder."""
 
-    marker: str
+    markers: tuple[str, ...]
     files: tuple[str, ...]
     target: str = ""
 
@@ -75,28 +74,34 @@ class Layout:
     choices: tuple[Choice, ...]
 
 
-SAFETENSORS = ("*.json", "*.safetensors")
-CONVERTED = Choice("sga_config.json", ("sga_config.json", "params/**"))
-PRETRAINED = Layout("save_pretrained model (config.json + safetensors)", (CONVERTED, Choice("*.safetensors", SAFETENSORS)))
-FLUX = Layout("Flux transformer", (
-    CONVERTED,
-    Choice("flux1-dev.safetensors", ("flux1-dev.safetensors",), "flux1-dev.safetensors"),
-    Choice("flux1-schnell.safetensors", ("flux1-schnell.safetensors",), "flux1-schnell.safetensors"),
-    Choice("transformer/*.safetensors", ("transformer/*.json", "transformer/*.safetensors"), "transformer"),
-    Choice("*.safetensors", SAFETENSORS),
-))
-VAE = Layout("Flux VAE", (
-    CONVERTED,
-    Choice("ae.safetensors", ("ae.safetensors",), "ae.safetensors"),
-    Choice("vae/*.safetensors", ("vae/*.json", "vae/*.safetensors"), "vae"),
-    Choice("*.safetensors", SAFETENSORS),
-))
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # read by the allow-listing unpickler (weights.torch_pickle)
+
+
+def weights_folder(folder: str = "") -> tuple[Choice, Choice]:
+    """The weights of a save_pretrained-style `folder` (or the folder itself): its safetensors with
+    the JSON files beside them, else (no safetensors) its PyTorch pickles."""
+    prefix = f"{folder}/" if folder else ""
+    return (Choice((f"{prefix}*.safetensors",), (f"{prefix}*.json", f"{prefix}*.safetensors"), folder),
+            Choice(tuple(prefix + p for p in PICKLES), (f"{prefix}*.json", *(prefix + p for p in PICKLES)), folder))
+
+
+def single_file(name: str) -> Choice:
+    """A checkpoint that is one file of the folder, e.g. BFL's flux1-dev.safetensors."""
+    return Choice((name,), (name,), name)
+
+
+CONVERTED = Choice(("sga_config.json",), ("sga_config.json", "params/**"))
+PRETRAINED = Layout("save_pretrained model (config.json + weights)", (CONVERTED, *weights_folder()))
+FLUX = Layout("Flux transformer", (CONVERTED, single_file("flux1-dev.safetensors"),
+                                   single_file("flux1-schnell.safetensors"), *weights_folder("transformer"),
+                                   *weights_folder()))
+VAE = Layout("Flux VAE", (CONVERTED, single_file("ae.safetensors"), *weights_folder("vae"), *weights_folder()))
 TOKENIZER_FILES = ("*.json", "*.model", "*.txt")
-TOKENIZER = Layout("tokenizer", (Choice("*.json", TOKENIZER_FILES),))
-CLIP_MODEL = Layout("CLIPModel with its tokenizer", (Choice("*.safetensors", SAFETENSORS + TOKENIZER_FILES),))
-FLUX_TEXT = Layout("Flux.1 text encoders and tokenizers", (Choice("text_encoder/*.json", tuple(
+TOKENIZER = Layout("tokenizer", (Choice(("*.json", "*.model"), TOKENIZER_FILES),))
+CLIP_MODEL = Layout("CLIPModel with its tokenizer", (Choice(("*.safetensors",), ("*.json", "*.safetensors", *TOKENIZER_FILES)),))
+FLUX_TEXT = Layout("Flux.1 text encoders and tokenizers", (Choice(("text_encoder/*.json",), tuple(
     f"{folder}/{pattern}" for folder, patterns in (
-        ("text_encoder", SAFETENSORS), ("text_encoder_2", SAFETENSORS),
+        ("text_encoder", ("*.json", "*.safetensors")), ("text_encoder_2", ("*.json", "*.safetensors")),
         ("tokenizer", TOKENIZER_FILES), ("tokenizer_2", TOKENIZER_FILES),
     ) for pattern in patterns)),))
 
@@ -149,11 +154,8 @@ def select_local(path: Path, layout: Layout) -> Path:
     folder, the target of the first choice of `layout` whose marker it holds."""
     if not path.is_dir():
         return path
-    files = _local_files(path)
-    choice = select(files, layout)
+    choice = select(_local_files(path), layout)
     if choice is None:
-        for name in files:
-            refuse_pickle(path / name)  # a folder of pickles: say why they are not read
         raise CheckpointError(f"{path}: holds no {layout.name} (looked for {_markers(layout)})")
     return path / choice.target
 
@@ -161,7 +163,7 @@ def select_local(path: Path, layout: Layout) -> Path:
 def select(files: Sequence[str], layout: Layout) -> Choice | None:
     """The first choice of `layout` whose marker matches one of `files` (paths relative to the folder)."""
     for choice in layout.choices:
-        if any(matches(name, choice.marker) for name in files):
+        if any(matches(name, marker) for name in files for marker in choice.markers):
             return choice
     return None
 
@@ -175,7 +177,7 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _markers(layout: Layout) -> str:
-    return ", ".join(choice.marker for choice in layout.choices)
+    return ", ".join(marker for choice in layout.choices for marker in choice.markers)
 
 
 def _local_files(folder: Path) -> list[str]:
