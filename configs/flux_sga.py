@@ -20,7 +20,7 @@ sub-band weights (1, 2, 2, 2). See docs/reproduce.md.
 import ml_collections
 
 from sga_jax.data.pipeline import default_data_config
-from sga_jax.encode import default_text_config
+from sga_jax.text import default_text_config
 from sga_jax.train.config import base_config
 
 PRIORS = ("dinov2", "dinov3", "sam2")

@@ -12,7 +12,9 @@ from PIL import Image
 
 from sga_jax import sample
 from sga_jax.demo import CAPTIONS
+from sga_jax.sample.__main__ import main
 from sga_jax.models import flux, vae
+from sga_jax.errors import CheckpointError
 from sga_jax.text import build_demo_text_folder
 
 PROMPTS = ["a rocket on its launch pad", "a cup of coffee on a wooden table", "a ginger tabby cat"]
@@ -33,11 +35,11 @@ def flux_folder(tmp_path_factory):
 def test_cli_writes_one_png_per_prompt_independent_of_batch_size(flux_folder, tmp_path):
     args = ["--root", str(flux_folder), "--height", "48", "--width", "80", "--steps", "2", "--dtype", "float32",
             "--seed", "7"]
-    assert sample.main(args + ["--out", str(tmp_path / "one"), "--batch_size", "1"]
+    assert main(args + ["--out", str(tmp_path / "one"), "--batch_size", "1"]
                        + [a for p in PROMPTS for a in ("--prompt", p)]) == 0
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n\n")
-    assert sample.main(args + ["--out", str(tmp_path / "two"), "--batch_size", "2", "--prompts_file", str(prompts_file)]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--batch_size", "2", "--prompts_file", str(prompts_file)]) == 0
 
     records = [json.loads(line) for line in (tmp_path / "one" / "index.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == PROMPTS
@@ -67,8 +69,8 @@ def test_generate_equals_the_sampler_and_decoder_composed(flux_folder):
     np.testing.assert_allclose(images, np.asarray(expected), atol=1e-5)
 
 
-def test_missing_weights_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no vae weights; expected one of \['ae.safetensors'\] or a vae/"):
-        sample.flux_folder_weights(tmp_path, "vae")
-    with pytest.raises(SystemExit):
-        sample.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")])
+def test_missing_weights_are_named(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match=r"holds no Flux transformer \(looked for sga_config.json, flux1-dev"):
+        sample.load_flux_folder(tmp_path)
+    assert main(["--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2  # no --prompt
+    assert capsys.readouterr().err.startswith("error: give at least one --prompt")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from sga_jax.data.sources import IMAGE_EXTENSIONS
 from sga_jax.data.transforms import BadRecord, open_image
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 
 MAX_PIXELS = 8192 * 8192
@@ -27,17 +28,17 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{folder} is not a directory of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ConfigError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB (H, W, 3); unreadable files raise a ValueError naming them."""
+    """An image file as uint8 RGB (H, W, 3); unreadable files raise a ConfigError naming them."""
     try:
         with open_image(path, MAX_PIXELS) as image:
             return np.asarray(image.convert("RGB"))
     except BadRecord as error:
-        raise ValueError(f"{path}: {error}") from error
+        raise ConfigError(f"{path}: {error}") from error
 
 
 def to_model_range(pixels: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ def crop_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
     """Center-crop (H, W, 3) so that both sides are multiples of `multiple` (e.g. a VAE's factor)."""
     height, width = (side - side % multiple for side in pixels.shape[:2])
     if not height or not width:
-        raise ValueError(f"an image of {pixels.shape[:2]} pixels is smaller than {multiple} on a side")
+        raise ConfigError(f"an image of {pixels.shape[:2]} pixels is smaller than {multiple} on a side")
     return np.asarray(nn.center_crop(pixels, (height, width)))
 
 
@@ -73,7 +74,7 @@ class ImageReader:
 
     def __init__(self, size: int | None = None):
         if size is not None and size < 1:
-            raise ValueError(f"size must be positive, got {size}")
+            raise ConfigError(f"size must be positive, got {size}")
         self.size = size
         self.sizes: dict[Path, tuple[int, int]] = {}
 
@@ -111,6 +112,6 @@ def batches(files: Sequence[Path], size: int, desc: str, reader: ImageReader) ->
         images = [to_model_range(reader(p)) for p in chunk]
         for path, image in zip(chunk, images):
             if image.shape != images[0].shape:
-                raise ValueError(f"{path} is {image.shape[1:3]} but {chunk[0]} is {images[0].shape[1:3]}: "
+                raise ConfigError(f"{path} is {image.shape[1:3]} but {chunk[0]} is {images[0].shape[1:3]}: "
                                  "images in one batch must share a size (use --batch_size 1 or --size)")
         yield np.concatenate(images)

@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from sga_jax import metrics
 from sga_jax.data.transforms import to_pixels
+from sga_jax.errors import ConfigError
 from sga_jax.evaluate.images import ImageReader, batches, crop_to_multiple, list_images, paired, to_model_range
 from sga_jax.models import clip, dinov2, inception, lpips, vae
 from sga_jax.text import tokenize
+
 
 @dataclasses.dataclass
 class Networks:
@@ -120,7 +122,7 @@ def clip_score_mean(model: clip.ClipModel, tokenizer: Any, files: Sequence[Path]
     """Mean CLIP score of the images against their prompts; an image without a prompt is an error."""
     missing = [p.name for p in files if p.name not in prompts]
     if missing:
-        raise ValueError(f"no prompt in index.jsonl for {', '.join(missing[:5])}")
+        raise ConfigError(f"no prompt in index.jsonl for {', '.join(missing[:5])}")
     length = model.text_model.config.max_position_embeddings
     scores = []
     for start, batch in zip(range(0, len(files), batch_size), batches(files, batch_size, "CLIP score", reader)):
@@ -149,14 +151,14 @@ def score_pairs(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], networks: N
     streams = (_inception_stats(networks, settings), _inception_stats(networks, settings)) if networks.inception else ()
     for name, ours, theirs in pairs:
         if ours.shape != theirs.shape:
-            raise ValueError(f"{name}: the evaluated image is {ours.shape[:2]} but its reference is {theirs.shape[:2]}")
+            raise ConfigError(f"{name}: the evaluated image is {ours.shape[:2]} but its reference is {theirs.shape[:2]}")
         a, b = jnp.asarray(to_model_range(ours)), jnp.asarray(to_model_range(theirs))
         for metric, score in scores.items():
             values[metric].append(float(score(a, b)[0]))
         for stream, image in zip(streams, (a, b)):
             stream.add(image)
     if not values["psnr"]:
-        raise ValueError("no image has a reference partner of the same file name")
+        raise ConfigError("no image has a reference partner of the same file name")
     report: dict[str, Any] = {name: float(np.mean(v)) for name, v in values.items()}
     report["pairs"] = len(values["psnr"])
     if streams:
@@ -223,7 +225,7 @@ def _folder_run(images: Path, files: Sequence[Path], reference: Path | None, rea
                 networks: Networks, settings: Settings, statistics: Statistics) -> dict[str, Any]:
     pairs = paired(files, reference) if reference is not None else []
     if networks.lpips is not None and not pairs:
-        raise ValueError("LPIPS compares image pairs: give --reference with same-named originals, or --vae"
+        raise ConfigError("LPIPS compares image pairs: give --reference with same-named originals, or --vae"
                          + (f" (no file of {images} has a same-named partner in {reference})" if reference else ""))
     report: dict[str, Any] = generation_metrics(files, reader)
     if pairs:
@@ -267,13 +269,13 @@ def evaluate(images: str | Path, reference: str | Path | None, networks: Network
     report: dict[str, Any] = {"images": len(files)}
     if networks.vae is not None:
         if reference is not None:
-            raise ValueError("a VAE run reconstructs --images and scores them against themselves; it takes no --reference")
+            raise ConfigError("a VAE run reconstructs --images and scores them against themselves; it takes no --reference")
         report.update(_vae_run(files, reader, networks, settings, statistics))
     else:
         report.update(_folder_run(images, files, reference, reader, networks, settings, statistics))
     if settings.save_stats is not None:
         if not statistics:
-            raise ValueError("--save_stats needs a feature network (--inception or --dinov2)")
+            raise ConfigError("--save_stats needs a feature network (--inception or --dinov2)")
         metrics.save_statistics(settings.save_stats, statistics)
     report["resolution"] = reader.resolution()
     if networks.inception is not None:

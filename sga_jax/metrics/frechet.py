@@ -18,6 +18,7 @@ import numpy as np
 import scipy.linalg
 from flax import nnx
 
+from sga_jax.errors import CheckpointError, ConfigError
 from sga_jax.models import dinov2
 
 DINOV2_SIZE = 224
@@ -51,7 +52,7 @@ class FeatureStatistics:
     def covariance(self) -> np.ndarray:
         """The unbiased covariance (D, D) (as `np.cov`), which needs at least two samples."""
         if self.count < 2:
-            raise ValueError(f"FeatureStatistics: a covariance needs at least 2 samples, have {self.count}")
+            raise ConfigError(f"FeatureStatistics: a covariance needs at least 2 samples, have {self.count}")
         mean = self.mean
         return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
@@ -75,11 +76,11 @@ def load_statistics(path: str | os.PathLike, name: str, dim: int) -> FeatureStat
     with np.load(path, allow_pickle=False) as data:
         names = sorted({key.split(".")[0] for key in data.files})
         if name not in names:
-            raise ValueError(f"{path} holds statistics for {names}, not {name!r} "
+            raise CheckpointError(f"{path} holds statistics for {names}, not {name!r} "
                              f"(write them with --save_stats and the {name} network)")
         total = data[f"{name}.total"]
         if total.shape != (dim,):
-            raise ValueError(f"{path}: the {name} statistics are {total.shape[0]}-d, the network gives {dim}")
+            raise CheckpointError(f"{path}: the {name} statistics are {total.shape[0]}-d, the network gives {dim}")
         stats = FeatureStatistics(dim)
         stats.count, stats.total, stats.outer = int(data[f"{name}.count"]), total, data[f"{name}.outer"]
     return stats

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import jax.numpy as jnp
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 
 C = TypeVar("C", bound="ModelConfig")
@@ -35,7 +36,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(names)}")
+            raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def run_setting_problems(self) -> list[str]:
@@ -58,16 +59,16 @@ class ModelConfig:
         for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
 
     def check_heads(self, width: str = "hidden_size", heads: str = "num_attention_heads") -> None:
         """Raise a ValueError naming the config class when the `width` field does not split into `heads`."""
         if getattr(self, width) % getattr(self, heads):
-            raise ValueError(f"{type(self).__name__}.{width} {getattr(self, width)} is not divisible by "
+            raise ConfigError(f"{type(self).__name__}.{width} {getattr(self, width)} is not divisible by "
                              f"{heads} {getattr(self, heads)}")
 
     def check_run_settings(self) -> None:
         """Raise a ValueError naming the config class and every bad run setting."""
         problems = self.run_setting_problems()
         if problems:
-            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+            raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))

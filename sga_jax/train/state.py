@@ -16,6 +16,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from sga_jax import parallel
+from sga_jax.errors import CheckpointError
 from sga_jax.train.task import Task
 
 
@@ -178,10 +179,10 @@ def check_tree(tree: Any, expected: Any, what: str) -> None:
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+        raise CheckpointError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
     for key, value in want.items():
         if tuple(got[key].shape) != tuple(value.shape):
-            raise ValueError(f"{what}: {key} has shape {tuple(got[key].shape)}, expected {tuple(value.shape)}")
+            raise CheckpointError(f"{what}: {key} has shape {tuple(got[key].shape)}, expected {tuple(value.shape)}")
 
 
 def init_frozen(task: Task, config: Any, setup: Setup) -> dict | None:

@@ -66,6 +66,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from sga_jax.errors import ConfigError
+
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
     "flux_sga": "sga_jax.stages.flux:FluxSGATask",
@@ -103,16 +105,16 @@ def get_task(name: str, config: Any = None) -> Task:
     `config` is given and the task has the hook, call `task.configure(config)`."""
     path = TASKS.get(name, name)
     if ":" not in path:
-        raise ValueError(f"config.task={name!r}: expected one of {sorted(TASKS)} or 'package.module:ClassName'")
+        raise ConfigError(f"config.task={name!r}: expected one of {sorted(TASKS)} or 'package.module:ClassName'")
     module_name, class_name = path.split(":", 1)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config.task={name!r}: cannot import {path!r}: {e}") from e
+        raise ConfigError(f"config.task={name!r}: cannot import {path!r}: {e}") from e
     task = cls()
     missing = [m for m in ("build", "loss", "batches") if not callable(getattr(task, m, None))]
     if missing:
-        raise ValueError(f"config.task={name!r}: {path} lacks the Task methods {missing}")
+        raise ConfigError(f"config.task={name!r}: {path} lacks the Task methods {missing}")
     configure = getattr(task, "configure", None)
     if config is not None and configure is not None:
         configure(config)

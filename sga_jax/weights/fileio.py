@@ -1,4 +1,5 @@
-"""What every checkpoint file reader shares: the error type and positional reads into a buffer.
+"""What every checkpoint file reader shares: the error type (`sga_jax.errors.CheckpointError`) and
+positional reads into a buffer.
 
 Positional reads, not memory maps: every page of a mapped file that has been touched counts towards
 the process's resident memory until the map closes, which would make a streaming conversion hold
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors, or a bad file."""
+from sga_jax.errors import CheckpointError
 
 
 def read_into(path: Path, offset: int, buffer: memoryview, what: str) -> None:

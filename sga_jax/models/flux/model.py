@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
@@ -59,26 +60,26 @@ class FluxConfig(ModelConfig):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
         for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"FluxConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"FluxConfig.{name} must be positive, got {getattr(self, name)}")
         if self.depth < 1 or self.depth_single_blocks < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: block counts must be >= 1, got depth={self.depth}, "
                 f"depth_single_blocks={self.depth_single_blocks}"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
         if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: sum(axes_dim) = sum({self.axes_dim}) = {sum(self.axes_dim)} must equal the head "
                 f"dimension hidden_size / num_heads = {self.head_dim}"
             )
         odd = [a for a in self.axes_dim if a <= 0 or a % 2]
         if odd:
-            raise ValueError(f"FluxConfig: every rotary axis dimension must be positive and even, got {self.axes_dim}")
+            raise ConfigError(f"FluxConfig: every rotary axis dimension must be positive and even, got {self.axes_dim}")
         if self.mlp_ratio <= 0 or self.mlp_hidden_dim <= 0:
-            raise ValueError(f"FluxConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+            raise ConfigError(f"FluxConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
         self.check_run_settings()
 
     @property
@@ -103,7 +104,7 @@ class FluxConfig(ModelConfig):
     def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "FluxConfig":
         """Build from a diffusers `FluxTransformer2DModel` config.json dict."""
         if d.get("patch_size", 1) != 1:
-            raise ValueError(f"diffusers Flux config: patch_size {d['patch_size']} is not supported (only 1)")
+            raise ConfigError(f"diffusers Flux config: patch_size {d['patch_size']} is not supported (only 1)")
         heads = d.get("num_attention_heads", 24)
         values = dict(
             in_channels=d.get("in_channels", 64),
@@ -123,7 +124,7 @@ class FluxConfig(ModelConfig):
     def to_diffusers_config(self) -> dict[str, Any]:
         """The diffusers `FluxTransformer2DModel` config for this model (raises if it has none)."""
         if self.mlp_ratio != 4.0 or self.theta != 10_000 or not self.qkv_bias:
-            raise ValueError(
+            raise ConfigError(
                 "diffusers' FluxTransformer2DModel fixes mlp_ratio=4, theta=10000 and qkv_bias=True; this "
                 f"config has mlp_ratio={self.mlp_ratio}, theta={self.theta}, qkv_bias={self.qkv_bias}"
             )

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
@@ -64,29 +65,29 @@ class Sam2HieraConfig(ModelConfig):
         stages = len(self.blocks_per_stage)
         for name in ("embed_dim_per_stage", "num_attention_heads_per_stage", "window_size_per_stage"):
             if len(getattr(self, name)) != stages:
-                raise ValueError(f"Sam2HieraConfig.{name} has {len(getattr(self, name))} entries, expected {stages} (one per stage)")
+                raise ConfigError(f"Sam2HieraConfig.{name} has {len(getattr(self, name))} entries, expected {stages} (one per stage)")
         if self.embed_dim_per_stage[0] != self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Sam2HieraConfig: hidden_size {self.hidden_size} must equal embed_dim_per_stage[0] {self.embed_dim_per_stage[0]}"
             )
         if self.query_stride[0] != self.query_stride[1]:
-            raise ValueError(f"Sam2HieraConfig: query_stride {self.query_stride} must be square")
+            raise ConfigError(f"Sam2HieraConfig: query_stride {self.query_stride} must be square")
         if not 0 <= self.num_query_pool_stages < stages:
-            raise ValueError(f"Sam2HieraConfig: num_query_pool_stages {self.num_query_pool_stages} must be below {stages}")
+            raise ConfigError(f"Sam2HieraConfig: num_query_pool_stages {self.num_query_pool_stages} must be below {stages}")
         for s in range(1, stages):
             pooled = s <= self.num_query_pool_stages
             if pooled and self.embed_dim_per_stage[s] == self.embed_dim_per_stage[s - 1]:
-                raise ValueError(f"Sam2HieraConfig: query-pooling stage {s} must change the width (as Hiera does)")
+                raise ConfigError(f"Sam2HieraConfig: query-pooling stage {s} must change the width (as Hiera does)")
             if pooled and self.window_size_per_stage[s - 1] % self.query_stride[0]:
-                raise ValueError(
+                raise ConfigError(
                     f"Sam2HieraConfig: window {self.window_size_per_stage[s - 1]} of stage {s - 1} is not a multiple "
                     f"of the query stride {self.query_stride[0]}"
                 )
         for dim, heads in zip(self.embed_dim_per_stage, self.num_attention_heads_per_stage):
             if dim % heads:
-                raise ValueError(f"Sam2HieraConfig: width {dim} is not divisible by {heads} heads")
+                raise ConfigError(f"Sam2HieraConfig: width {dim} is not divisible by {heads} heads")
         if any(b >= sum(self.blocks_per_stage) for b in self.global_attention_blocks):
-            raise ValueError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
+            raise ConfigError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
         nn.activation(self.hidden_act)
         self.check_run_settings()
 
@@ -137,7 +138,7 @@ class Sam2HieraConfig(ModelConfig):
             hf = hf["backbone_config"]
             model_type = hf.get("model_type")
         if model_type != "sam2_hiera_det_model":
-            raise ValueError(f"config.json: model_type {model_type!r} is not a SAM2 model")
+            raise ConfigError(f"config.json: model_type {model_type!r} is not a SAM2 model")
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         pairs = {"image_size", "patch_kernel_size", "patch_stride", "patch_padding", "query_stride",
                  "window_positional_embedding_background_size"}

@@ -34,13 +34,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sga_jax import parallel, sample
-from sga_jax.weights import converted
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
 from sga_jax.data.pipeline import make_pipeline
-from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
+from sga_jax.errors import ConfigError
 from sga_jax.models import clip, flux, t5, vae
-from sga_jax.text import encode_tokens, load_tokenizer, tokenize
+from sga_jax.text import encode_tokens, load_tokenizer, resolve_paths, tokenize
+from sga_jax.weights import converted
 from sga_jax.stages import common
 from sga_jax.stages.flux import flow_matching as fm
 from sga_jax.train import plots
@@ -85,7 +85,7 @@ class FrozenModels(nnx.Module):
 def _latent_grid(ae_config: vae.AutoEncoderConfig, height: int, width: int) -> tuple[int, int]:
     factor = ae_config.downsample_factor
     if height % (2 * factor) or width % (2 * factor):
-        raise ValueError(
+        raise ConfigError(
             f"image {height}x{width} must be a multiple of {2 * factor} px (VAE factor {factor} x Flux's 2x2 packing); "
             "set config.data.buckets.multiple accordingly"
         )
@@ -109,10 +109,12 @@ class FluxSGATask:
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
         prior_kind = m.prior.kind
         if prior_kind not in common.PRIOR_MODELS:
-            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
-        prior_cls = common.PRIOR_MODELS[prior_kind][0]
-        prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
-                                           dtype=frozen_dtype, param_dtype=frozen_dtype)
+            raise ConfigError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
+        prior_config = None  # no prior without alignment (its weights are then never fetched)
+        if config.align.method != "none":
+            prior_cls = common.PRIOR_MODELS[prior_kind][0]
+            prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
+                                               dtype=frozen_dtype, param_dtype=frozen_dtype)
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
@@ -120,20 +122,20 @@ class FluxSGATask:
             t5_config = t5.T5Config.from_hf_config(_hf_config(self.text_paths["t5"]), **text_dtype)
             clip_config = clip.ClipTextConfig.from_hf_config(_hf_config(self.text_paths["clip"]), **text_dtype)
             if t5_config.d_model != flux_config.context_in_dim:
-                raise ValueError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
+                raise ConfigError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
             if clip_config.hidden_size != flux_config.vec_in_dim:
-                raise ValueError(f"CLIP width {clip_config.hidden_size} != Flux vec_in_dim {flux_config.vec_in_dim}")
+                raise ConfigError(f"CLIP width {clip_config.hidden_size} != Flux vec_in_dim {flux_config.vec_in_dim}")
         if vae_config.z_channels * 4 != flux_config.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"VAE latent channels {vae_config.z_channels} x 4 (2x2 packing) != Flux in_channels {flux_config.in_channels}"
             )
         align = config.align
         if align.method not in ALIGN_METHODS:
-            raise ValueError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
+            raise ConfigError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
         if align.method != "none" and not 0 <= align.block < flux_config.depth:
-            raise ValueError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
+            raise ConfigError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
         if config.objective.kind not in OBJECTIVES:
-            raise ValueError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
+            raise ConfigError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
         self.config = config
         self.networks = Networks(flux_config, vae_config, prior_kind, prior_config, t5_config, clip_config)
 
@@ -165,8 +167,8 @@ class FluxSGATask:
 
     def load_pretrained(self, params: dict, shardings: dict) -> dict:
         """Replace the random Flux parameters with `config.model.flux.weights` when it is set."""
-        path = self.config.model.flux.get("weights", "")
-        if not path:
+        path = common.weights_path(self.config.model.flux, "flux")
+        if path is None:
             log.warning("config.model.flux.weights is empty: Flux starts from RANDOM weights")
             return params
         model = converted.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
@@ -177,13 +179,13 @@ class FluxSGATask:
         """Frozen weights from their paths, each streamed into its shardings; parts without a path
         are randomly initialised from the seed (only those: XLA drops the others' initialisers)."""
         m = self.config.model
-        paths = {"vae": m.vae.get("weights", "")}
+        paths = {"vae": common.weights_path(m.vae, "vae")}
         if abstract.get("prior") is not None:
-            paths["prior"] = m.prior.get("weights", "")
+            paths["prior"] = common.weights_path(m.prior, self.networks.prior_kind)
         if self.text_paths is not None:
-            paths["t5"], paths["clip"] = str(self.text_paths["t5"]), str(self.text_paths["clip"])
+            paths["t5"], paths["clip"] = self.text_paths["t5"], self.text_paths["clip"]
         state = {name: None for name in abstract}
-        random_parts = [name for name, path in paths.items() if not path]
+        random_parts = [name for name, path in paths.items() if path is None]
         if random_parts:
             for name in random_parts:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
@@ -195,11 +197,11 @@ class FluxSGATask:
             out_shardings = {name: shardings[name] for name in random_parts}
             state.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
         for name, path in paths.items():
-            if path:
+            if path is not None:
                 state[name] = self._load_frozen_part(name, path, shardings[name])
         return state
 
-    def _load_frozen_part(self, name: str, path: str, shardings: dict) -> dict:
+    def _load_frozen_part(self, name: str, path: Path, shardings: dict) -> dict:
         """One frozen network's variables from `path` (public format or converted directory)."""
         dtype = self.config.text.dtype if name in ("t5", "clip") else self.config.model.get("frozen_dtype", "float32")
         overrides = {"dtype": dtype, "param_dtype": dtype}
@@ -278,7 +280,7 @@ class FluxSGATask:
 
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
         """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
-        return StageBatches(config, mesh, seed=seed)
+        return StageBatches(config, mesh, seed=seed, text_paths=self.text_paths)
 
     def sample(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
         """Sample `config.sample.prompts` with the Euler sampler, decode with the VAE, save a grid
@@ -333,12 +335,13 @@ def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool)
 class StageBatches:
     """Batches for the step: images as global arrays, captions tokenised (or cached embeddings)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int,
+                 text_paths: dict[str, Path] | None):
         self.task_config = config
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
         self.pipeline = make_pipeline(config.data, seed=seed)
-        self.tokenizers = None if config.data.caption_cache else _tokenizers(resolve_paths(config.text))
+        self.tokenizers = None if text_paths is None else _tokenizers(text_paths)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
