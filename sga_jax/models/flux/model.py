@@ -5,7 +5,7 @@ Modules and attribute names follow BFL's checkpoint (`img_in`, `double_blocks.{i
 parameter path itself and the diffusers map is a short rename table (see `convert.py`).
 
 The 19 double-stream and 38 single-stream blocks are stacked on a leading `layers` axis and run
-by `layers.scan_layers`, so each block type compiles once. The forward can also return the
+by `nn.scan_layers`, so each block type compiles once. The forward can also return the
 image-branch hidden state after one double block (the features SGA aligns), computed in the
 same scanned pass.
 """
@@ -32,8 +32,8 @@ class FluxConfig(ModelConfig):
     """Hyper-parameters of the Flux transformer: BFL's `FluxParams` plus run settings.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "float32",
-    "bfloat16"); `remat` is a policy of `layers.REMAT_POLICIES`; `attention` one of
-    `layers.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
+    "bfloat16"); `remat` is a policy of `nn.REMAT_POLICIES`; `attention` one of
+    `nn.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
     token count, which a 4K image's 16K tokens need; "cudnn" on NVIDIA GPUs).
     """
 
