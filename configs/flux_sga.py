@@ -12,6 +12,10 @@ ROW is a comma-separated list of the paper's settings (any order, all optional):
   weight=W                       lambda of the alignment term (default 0.5)
 e.g. `configs/flux_sga.py:sam2,layer=12,long_edge=64`, `configs/flux_sga.py:vanilla,fm`.
 
+Attention kernels: `--config.model.attention=cudnn --config.model.prior.attention=cudnn` on NVIDIA
+GPUs (cuDNN's fused flash attention), `=splash` on TPUs (the Pallas splash kernel; its tile sizes are
+`config.model.splash_block_sizes`); the default `chunked` runs anywhere in plain XLA.
+
 Values the paper's extracted text lost (its learning rate, weight decay, lambda) are set to
 documented choices here: AdamW lr 1e-5, weight decay 1e-4, lambda 0.5 (REPA's weight), WLF
 sub-band weights (1, 2, 2, 2). See docs/reproduce.md.
