@@ -20,7 +20,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu import splash_attention as kernel_lib
 
 from sga_jax.models.nn.sharding import divisible_spec
 
@@ -57,7 +57,7 @@ class SplashBlockSizes:
                 raise ValueError(f"SplashBlockSizes.{tile} {getattr(self, tile)} must be a multiple of "
                                  f"{step} {getattr(self, step)}")
 
-    def fitted(self, q_length: int, kv_length: int) -> tuple[splash.BlockSizes, int, int]:
+    def fitted(self, q_length: int, kv_length: int) -> tuple[kernel_lib.BlockSizes, int, int]:
         """The kernel's tile sizes for these sequence lengths (tiles longer than a sequence shrink to
         it, rounded up to 128) and the padded query and key lengths that every tile divides."""
         q_cap, kv_cap = _round_up(q_length, LANES), _round_up(kv_length, LANES)
@@ -67,7 +67,7 @@ class SplashBlockSizes:
             kv_tiles[step] = getattr(self, step) if kv_tiles[tile] % getattr(self, step) == 0 else kv_tiles[tile]
         if self.fused_backward:
             del q_tiles["block_q_dq"], kv_tiles["block_kv_dq"]
-        sizes = splash.BlockSizes(**q_tiles, **kv_tiles, use_fused_bwd_kernel=self.fused_backward)
+        sizes = kernel_lib.BlockSizes(**q_tiles, **kv_tiles, use_fused_bwd_kernel=self.fused_backward)
         return sizes, _round_up(q_length, math.lcm(*q_tiles.values())), _round_up(kv_length, math.lcm(*kv_tiles.values()))
 
 
@@ -94,10 +94,10 @@ def splash_attention(
         if kv_padded != kv_length:
             # Padded queries attend to the real keys like any query (their rows are dropped below);
             # padded keys, in a segment of their own, are seen by no query.
-            segments = splash.SegmentIds(q=jnp.ones((q_padded,), jnp.int32),
+            segments = kernel_lib.SegmentIds(q=jnp.ones((q_padded,), jnp.int32),
                                          kv=(jnp.arange(kv_padded) < kv_length).astype(jnp.int32))
-        mask = splash.MultiHeadMask([splash.FullMask((q_padded, kv_padded))] * qh.shape[1])
-        kernel = splash.make_splash_mha(mask, block_sizes=tiles, head_shards=1, q_seq_shards=1, interpret=interpret)
+        mask = kernel_lib.MultiHeadMask([kernel_lib.FullMask((q_padded, kv_padded))] * qh.shape[1])
+        kernel = kernel_lib.make_splash_mha(mask, block_sizes=tiles, head_shards=1, q_seq_shards=1, interpret=interpret)
         return jax.vmap(kernel, in_axes=(0, 0, 0, None))(qh, kh, vh, segments)
 
     spec = divisible_spec(HEADS_FIRST_AXES, qh.shape)
