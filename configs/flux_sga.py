@@ -12,14 +12,21 @@ ROW is a comma-separated list of the paper's settings (any order, all optional):
   weight=W                       lambda of the alignment term (default 0.5)
 e.g. `configs/flux_sga.py:sam2,layer=12,long_edge=64`, `configs/flux_sga.py:vanilla,fm`.
 
+Attention kernels: `--config.model.attention=cudnn --config.model.prior.attention=cudnn` on NVIDIA
+GPUs (cuDNN's fused flash attention), `=splash` on TPUs (the Pallas splash kernel; its tile sizes are
+`config.model.splash_block_sizes`); the default `chunked` runs anywhere in plain XLA.
+
 Values the paper's extracted text lost (its learning rate, weight decay, lambda) are set to
 documented choices here: AdamW lr 1e-5, weight decay 1e-4, lambda 0.5 (REPA's weight), WLF
 sub-band weights (1, 2, 2, 2). See docs/reproduce.md.
 """
 
+import dataclasses
+
 import ml_collections
 
 from sga_jax.data.pipeline import default_data_config
+from sga_jax.models.nn import SplashBlockSizes
 from sga_jax.text import default_text_config
 from sga_jax.train.config import base_config
 
@@ -68,11 +75,16 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.guidance = 3.5  # constant guidance-embedding input while training (Flux.1-dev)
 
     config.model = ml_collections.ConfigDict({
-        "attention": "chunked",  # memory linear in the token count; "cudnn" on NVIDIA GPUs
+        # Flux's attention: "cudnn" on NVIDIA GPUs (cuDNN's fused flash attention), "splash" on TPUs
+        # (the Pallas kernel; tile sizes below, MaxText's v5e / v5p defaults); "chunked" anywhere
+        # (plain XLA, memory linear in the token count); "xla" materialises the logits.
+        "attention": "chunked",
+        "splash_block_sizes": dataclasses.asdict(SplashBlockSizes()),
         "frozen_dtype": "bfloat16",
         "flux": {"weights": "", "preset": "dev", "overrides": {}, "remat": "full"},
         "vae": {"weights": "", "preset": "flux_f16", "overrides": {}, "f16": True},  # F8 weights run as F16 too
-        "prior": {"kind": row["prior"], "weights": "", "preset": PRIOR_PRESETS[row["prior"]], "overrides": {}},
+        "prior": {"kind": row["prior"], "weights": "", "preset": PRIOR_PRESETS[row["prior"]], "overrides": {},
+                  "attention": "xla"},  # "cudnn" on NVIDIA GPUs, "splash" on TPUs
     })
     config.text = default_text_config()  # a Flux.1 folder's text_encoder(_2) / tokenizer(_2), or a caption cache
     config.objective = ml_collections.ConfigDict({

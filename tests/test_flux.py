@@ -150,6 +150,18 @@ def test_remat_attention_and_bf16_settings_still_match(dev):
     assert_close_relative(out.astype(np.float32), dev["out"], 5e-2, "bf16 flux output")
 
 
+@pytest.mark.filterwarnings("ignore:attention \"splash\" runs in Pallas interpret mode")
+def test_splash_attention_forward_equals_the_default(dev):
+    """The Pallas TPU kernel in interpret mode (17 joint tokens padded to one 128-token tile)."""
+    args = ours_args(dev["x"], dev["guidance"])
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+        settings = dict(dtype=dtype, param_dtype=dtype)
+        default = forward(flux.load(dev["dir"], **settings), args).astype(np.float32)
+        splash = forward(flux.load(dev["dir"], attention="splash", **settings), args).astype(np.float32)
+        assert_close_relative(splash, default, tol, f"{dtype} flux output with attention=splash vs chunked")
+    assert_close_relative(splash, dev["out"], 5e-2, "bf16 flux output with attention=splash vs diffusers")
+
+
 def test_param_count_equals_diffusers_dev_on_meta_device():
     with torch.device("meta"):
         dev = FluxTransformer2DModel(guidance_embeds=True)

@@ -32,12 +32,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
-        """Build from `to_dict` output; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """Build from `to_dict` output; unknown keys are an error naming them. Fields whose default is
+        a dataclass (settings groups such as `nn.SplashBlockSizes`) are rebuilt from their dicts."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(defaults))
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+            raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; expected a subset of {sorted(defaults)}")
+
+        def value(name: str, v: Any) -> Any:
+            if isinstance(v, dict) and dataclasses.is_dataclass(defaults[name]):
+                return type(defaults[name])(**v)
+            return tuple(v) if isinstance(v, list) else v
+
+        return cls(**{k: value(k, v) for k, v in d.items()})
 
     def run_setting_problems(self) -> list[str]:
         """What is wrong with dtype / param_dtype / attention / remat, as messages (empty: fine).

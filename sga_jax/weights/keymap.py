@@ -224,33 +224,33 @@ def check_keys(reader: CheckpointReader, key_map: KeyMap, *, ignore: Callable[[s
         raise CheckpointError("\n".join(lines))
 
 
+def read_layer(reader: CheckpointReader, name: str, spec: Rule, shape: tuple[int, ...], layer: int | None) -> np.ndarray:
+    """Layer `layer` of parameter `name` (all of it when `spec` is not stacked, layer None) from its
+    checkpoint tensors, each shape checked against what a parameter of `shape` needs."""
+    per_layer = shape[1:] if spec.layers is not None else shape
+    tensors = []
+    for key, want in zip(spec.keys_for(layer), spec.transform.their_shapes(per_layer)):
+        found = reader.shape(key)
+        if tuple(found) != tuple(want):
+            raise CheckpointError(
+                f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
+                f"(for parameter {name} of shape {tuple(shape)})"
+            )
+        tensors.append(reader.read(key))
+    return spec.transform.to_ours(*tensors)
+
+
 def read_param(reader: CheckpointReader, name: str, spec: Rule, expected: tuple[int, ...]) -> np.ndarray:
     """Assemble one parameter of ours from the checkpoint, checking shapes as it goes."""
-    per_layer = expected[1:] if spec.layers is not None else expected
-    their_expected = spec.transform.their_shapes(per_layer)
-
-    def one(layer: int | None) -> np.ndarray:
-        keys = spec.keys_for(layer)
-        tensors = []
-        for key, want in zip(keys, their_expected):
-            found = reader.shape(key)
-            if tuple(found) != tuple(want):
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
-                    f"(for parameter {name} of shape {tuple(expected)})"
-                )
-            tensors.append(reader.read(key))
-        return spec.transform.to_ours(*tensors)
-
     if spec.layers is None:
-        return one(None)
+        return read_layer(reader, name, spec, expected, None)
     if expected[0] != spec.layers:
         raise CheckpointError(f"parameter {name}: model has {expected[0]} layers, key map says {spec.layers}")
-    first = one(0)
+    first = read_layer(reader, name, spec, expected, 0)
     out = np.empty((spec.layers,) + first.shape, first.dtype)
     out[0] = first
     for i in range(1, spec.layers):
-        out[i] = one(i)
+        out[i] = read_layer(reader, name, spec, expected, i)
     return out
 
 
@@ -384,19 +384,8 @@ def transcode_tensors(
     for name, var in flat_params(abstract_state).items():
         source, target = source_map[name], target_map[name]
         shape = tuple(var.get_value().shape)
-        per_layer = shape[1:] if source.layers is not None else shape
-        expected = source.transform.their_shapes(per_layer)
         for layer in range(source.layers) if source.layers is not None else [None]:
-            parts = []
-            for key, want in zip(source.keys_for(layer), expected):
-                found = reader.shape(key)
-                if tuple(found) != tuple(want):
-                    raise CheckpointError(
-                        f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
-                        f"(for parameter {name} of shape {shape})"
-                    )
-                parts.append(reader.read(key))
-            ours = source.transform.to_ours(*parts)
+            ours = read_layer(reader, name, source, shape, layer)
             out_dtype = np.dtype(dtype or var.get_value().dtype)
             for key, tensor in zip(target.keys_for(layer), target.transform.to_theirs(ours)):
                 yield key, np.ascontiguousarray(tensor.astype(out_dtype, copy=False))

@@ -55,7 +55,7 @@ class ClipTextConfig(ModelConfig):
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
-    attention_implementations = ("xla", "cudnn")  # "chunked" takes no causal and padding masks
+    attention_implementations = nn.MASKING_IMPLEMENTATIONS  # causal and padding masks
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

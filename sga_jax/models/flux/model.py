@@ -5,7 +5,7 @@ Modules and attribute names follow BFL's checkpoint (`img_in`, `double_blocks.{i
 parameter path itself and the diffusers map is a short rename table (see `convert.py`).
 
 The 19 double-stream and 38 single-stream blocks are stacked on a leading `layers` axis and run
-by `layers.scan_layers`, so each block type compiles once. The forward can also return the
+by `nn.scan_layers`, so each block type compiles once. The forward can also return the
 image-branch hidden state after one double block (the features SGA aligns), computed in the
 same scanned pass.
 """
@@ -16,6 +16,7 @@ import dataclasses
 import math
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,9 +34,10 @@ class FluxConfig(ModelConfig):
     """Hyper-parameters of the Flux transformer: BFL's `FluxParams` plus run settings.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "float32",
-    "bfloat16"); `remat` is a policy of `layers.REMAT_POLICIES`; `attention` one of
-    `layers.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
-    token count, which a 4K image's 16K tokens need; "cudnn" on NVIDIA GPUs).
+    "bfloat16"); `remat` is a policy of `nn.REMAT_POLICIES`; `attention` one of
+    `nn.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
+    token count, which a 4K image's 16K tokens need; "cudnn" on NVIDIA GPUs, "splash" on TPUs,
+    whose tile sizes are `splash_block_sizes`).
     """
 
     in_channels: int = 64
@@ -55,6 +57,7 @@ class FluxConfig(ModelConfig):
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "chunked"
+    splash_block_sizes: nn.SplashBlockSizes = nn.SplashBlockSizes()
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
@@ -215,10 +218,9 @@ class QKNorm(nnx.Module):
 
 def _split_heads(qkv: jax.Array, num_heads: int, norm: QKNorm) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Fused (B, L, 3 * H * D) projections -> QK-normalised q, k and v, each (B, L, H, D)."""
-    b, n, _ = qkv.shape
-    qkv = qkv.reshape(b, n, 3, num_heads, -1)
-    q, k = norm(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return q, k, qkv[:, :, 2]
+    q, k, v = einops.rearrange(qkv, "b n (qkv h d) -> qkv b n h d", qkv=3, h=num_heads)
+    q, k = norm(q, k, v)
+    return q, k, v
 
 
 class SelfAttention(nnx.Module):
@@ -253,21 +255,21 @@ def _run_mlp(mlp: nnx.List, x: jax.Array) -> jax.Array:
 
 
 def _joint_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array], implementation: str
+    q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array], config: FluxConfig
 ) -> jax.Array:
     """RoPE on q and k, attention, heads merged: (B, L, H, D) -> (B, L, H * D)."""
     cos, sin = rope
     q = nn.apply_rope(q, cos, sin, interleaved=True)
     k = nn.apply_rope(k, cos, sin, interleaved=True)
-    out = nn.attention(q, k, v, implementation=implementation)
-    return out.reshape(*out.shape[:2], -1)
+    out = nn.attention(q, k, v, implementation=config.attention, block_sizes=config.splash_block_sizes)
+    return einops.rearrange(out, "b n h d -> b n (h d)")
 
 
 class DoubleStreamBlock(nnx.Module):
     """Separate weights for the image and text streams, joint attention over [txt, img]."""
 
     def __init__(self, make: _Factory):
-        self.attention = make.config.attention
+        self.config = make.config
         self.img_mod = Modulation(make, double=True)
         self.img_norm1 = make.norm()
         self.img_attn = SelfAttention(make)
@@ -292,7 +294,7 @@ class DoubleStreamBlock(nnx.Module):
             jnp.concatenate([txt_k, img_k], axis=1),
             jnp.concatenate([txt_v, img_v], axis=1),
             rope,
-            self.attention,
+            self.config,
         )
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
@@ -308,7 +310,7 @@ class SingleStreamBlock(nnx.Module):
 
     def __init__(self, make: _Factory):
         config = make.config
-        self.attention = config.attention
+        self.config = config
         self.num_heads = config.num_heads
         self.hidden_size = config.hidden_size
         self.linear1 = make.linear(config.hidden_size, 3 * config.hidden_size + config.mlp_hidden_dim)
@@ -321,7 +323,7 @@ class SingleStreamBlock(nnx.Module):
         shift, scale, gate = self.modulation(vec)
         hidden = self.linear1(_modulate(self.pre_norm(x), shift, scale))
         qkv, mlp = hidden[..., : 3 * self.hidden_size], hidden[..., 3 * self.hidden_size :]
-        attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.attention)
+        attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.config)
         return x + gate * self.linear2(jnp.concatenate([attn, nn.gelu_tanh(mlp)], axis=-1))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,27 +164,22 @@ class Sam2HieraConfig(ModelConfig):
 
 def max_pool(x: jax.Array, stride: int) -> jax.Array:
     """stride x stride max pooling of (B, H, W, C), dropping an incomplete last row/column."""
-    b, h, w, c = x.shape
-    h, w = h // stride, w // stride
-    x = x[:, : h * stride, : w * stride].reshape(b, h, stride, w, stride, c)
-    return x.max(axis=(2, 4))
+    h, w = x.shape[1] // stride * stride, x.shape[2] // stride * stride
+    return einops.reduce(x[:, :h, :w], "b (h sh) (w sw) c -> b h w c", "max", sh=stride, sw=stride)
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
     """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padding H and W up to multiples."""
-    b, h, w, c = x.shape
+    h, w = x.shape[1:3]
     hp, wp = h + (-h) % window, w + (-w) % window
     x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-    x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, c), (hp, wp)
+    return einops.rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window, ww=window), (hp, wp)
 
 
 def window_unpartition(windows: jax.Array, window: int, padded: tuple[int, int], size: tuple[int, int]) -> jax.Array:
     """Inverse of `window_partition`: back to (B, H, W, C) with the padding cropped."""
-    hp, wp = padded
-    nh, nw = hp // window, wp // window
-    x = windows.reshape(-1, nh, nw, window, window, windows.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, hp, wp, windows.shape[-1])[:, : size[0], : size[1]]
+    x = einops.rearrange(windows, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=padded[0] // window, nw=padded[1] // window)
+    return x[:, : size[0], : size[1]]
 
 
 class MultiScaleAttention(nnx.Module):
@@ -198,15 +194,14 @@ class MultiScaleAttention(nnx.Module):
         self.proj = nn.linear(dim_out, dim_out, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        h, w = x.shape[1:3]
+        q, k, v = einops.rearrange(self.qkv(x), "b h w (qkv n d) -> qkv b (h w) n d", qkv=3, n=self.heads)
         if self.pool > 1:
-            q = max_pool(q.reshape(b, h, w, -1), self.pool)
+            q = max_pool(einops.rearrange(q, "b (h w) n d -> b h w (n d)", h=h), self.pool)
             h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.heads, -1)
+            q = einops.rearrange(q, "b h w (n d) -> b (h w) n d", n=self.heads)
         out = nn.attention(q, k, v, implementation=self.implementation)
-        return self.proj(out.reshape(b, h, w, -1))
+        return self.proj(einops.rearrange(out, "b (h w) n d -> b h w (n d)", h=h))
 
 
 class FeedForward(nnx.Module):

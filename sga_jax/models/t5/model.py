@@ -68,7 +68,7 @@ class T5Config(ModelConfig):
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
-    attention_implementations = ("xla", "cudnn")  # "chunked" takes no relative-position bias and padding mask
+    attention_implementations = nn.MASKING_IMPLEMENTATIONS  # relative-position bias and padding mask
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",

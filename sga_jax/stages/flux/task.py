@@ -38,7 +38,7 @@ from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, s
 from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.errors import ConfigError
-from sga_jax.models import clip, flux, t5, vae
+from sga_jax.models import clip, flux, nn, t5, vae
 from sga_jax.text import encode_tokens, load_tokenizer, resolve_paths, tokenize
 from sga_jax.weights import converted
 from sga_jax.stages import common
@@ -103,7 +103,8 @@ class FluxSGATask:
         compute = config.precision.compute_dtype
         flux_config = dataclasses.replace(common.model_config(m.flux, flux.FluxConfig, "flux"), dtype=compute,
                                           param_dtype="float32", remat=m.flux.get("remat", "none"),
-                                          attention=m.get("attention", "chunked"))
+                                          attention=m.get("attention", "chunked"),
+                                          splash_block_sizes=nn.SplashBlockSizes(**m.get("splash_block_sizes", {})))
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
@@ -114,7 +115,8 @@ class FluxSGATask:
         if config.align.method != "none":
             prior_cls = common.PRIOR_MODELS[prior_kind][0]
             prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
-                                               dtype=frozen_dtype, param_dtype=frozen_dtype)
+                                               dtype=frozen_dtype, param_dtype=frozen_dtype,
+                                               attention=m.prior.get("attention", "xla"))
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
