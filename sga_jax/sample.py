@@ -5,7 +5,9 @@ images). Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed
 
 The command line turns prompts into PNG files with a Flux.1 folder (BFL single files or the
 diffusers layout, text encoders and tokenizers beside them); `--transformer` swaps in fine-tuned
-weights (`python -m sga_jax.train.export`, or a `python -m sga_jax.convert` directory):
+weights (`python -m sga_jax.train.export`, or a `python -m sga_jax.convert` directory), and
+`--lora FILE [--lora_scale S]` applies a LoRA in the diffusers / PEFT, kohya (ComfyUI) or XLabs
+layout, merged into the weights (default) or kept beside them (`--lora_unmerged`):
 
     python -m sga_jax.sample --root FLUX.1-dev --prompt "a red fox in fresh snow" --out samples/
 """
@@ -33,6 +35,7 @@ from sga_jax.weights import converted
 from sga_jax.data.transforms import to_pixels
 from sga_jax.encode import default_text_config, text_encoder_from_config
 from sga_jax.models import vae
+from sga_jax.models.flux import lora as flux_lora
 from sga_jax.text import TextEncoder
 
 VelocityFn = Callable[..., jax.Array]
@@ -242,13 +245,21 @@ def load_flux_folder(
     vae_f16: bool = False,
     dtype: str = "bfloat16",
     attention: str = "chunked",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    lora_merged: bool = True,
 ) -> tuple[nnx.Module, vae.AutoEncoder, TextEncoder]:
     """(Flux transformer, VAE, text encoder) of a Flux.1 folder; `transformer` / `vae_weights`
     replace the folder's own (any format `sga_jax.weights.converted.load_model` reads); `vae_f16` runs F8 VAE
     weights in the paper's F16 form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512
-    tokens for guidance-distilled (dev) models and 256 otherwise (schnell), as BFL."""
+    tokens for guidance-distilled (dev) models and 256 otherwise (schnell), as BFL. `lora`: a LoRA
+    file (any layout `flux.lora.read` takes) times `lora_scale`, merged into the transformer's
+    weights or, with `lora_merged=False`, run beside them."""
     model = converted.load_model("flux", transformer or flux_folder_weights(root, "flux"),
                                dtype=dtype, param_dtype=dtype, attention=attention)
+    if lora:
+        adapters = flux_lora.read(lora, model.config)
+        model = (flux_lora.merge if lora_merged else flux_lora.attach)(model, adapters, lora_scale)
     vae_overrides = {"f16": True} if vae_f16 else {}
     ae = converted.load_model("vae", vae_weights or flux_folder_weights(root, "vae"), dtype=dtype, param_dtype=dtype,
                             **vae_overrides)
@@ -314,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype of every network")
     parser.add_argument("--attention", default="chunked", help="Flux attention: xla | chunked | cudnn")
+    parser.add_argument("--lora", help="a LoRA file or directory (diffusers / PEFT, kohya / ComfyUI or XLabs layout)")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (multiplies its alpha / rank)")
+    parser.add_argument("--lora_unmerged", action="store_true",
+                        help="keep the LoRA beside the weights instead of merging it into them")
     args = parser.parse_args(argv)
 
     prompts = list(args.prompt)
@@ -323,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --prompt or a --prompts_file")
     start = time.perf_counter()
     model, ae, text_encoder = load_flux_folder(args.root, transformer=args.transformer, vae_weights=args.vae,
-                                               vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention)
+                                               vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention,
+                                               lora=args.lora, lora_scale=args.lora_scale,
+                                               lora_merged=not args.lora_unmerged)
     steps = args.steps or (28 if model.config.guidance_embed else 4)
     batches = generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
                        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)

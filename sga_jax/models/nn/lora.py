@@ -130,12 +130,18 @@ class LoRALinear(nnx.Linear):
         delta = deltas[0] if len(deltas) == 1 else jnp.concatenate(deltas, axis=-1)
         return y + (self.scale * delta).astype(y.dtype)
 
-    def delta(self) -> jax.Array:
-        """scale * the kernel-shaped update of all adapters, float32 ((layers, in, out) when stacked)."""
+    def merged_kernel(self, scale: float = 1.0) -> jax.Array:
+        """The kernel plus `scale * self.scale * A_p B_p` on each adapted part's columns, summed in
+        float32 one part at a time and stored in the kernel's dtype ((layers, in, out) when stacked)."""
         kernel = self.kernel[...]
-        parts = [self.lora[name].delta() if name in self.lora else jnp.zeros((*kernel.shape[:-1], size), jnp.float32)
-                 for name, size in self.parts]
-        return self.scale * jnp.concatenate(parts, axis=-1)
+        pieces, start = [], 0
+        for name, size in self.parts:
+            piece = kernel[..., start : start + size]
+            if name in self.lora:
+                piece = (piece.astype(jnp.float32) + scale * self.scale * self.lora[name].delta()).astype(kernel.dtype)
+            pieces.append(piece)
+            start += size
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
 
 def adapted_layers(model: nnx.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -161,14 +167,12 @@ BASE_WEIGHTS = nnx.Any(Frozen, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))  # ev
 
 def merged_weights(model: nnx.Module, scale: float = 1.0) -> dict:
     """The weights of `model` without its adapters, as the pure dict a model without LoRA has (its
-    Params), each adapted kernel replaced by `kernel + scale * delta` (summed in float32, stored in
-    the kernel's dtype). `scale` multiplies the adapters' own alpha / rank."""
+    Params), each adapted kernel replaced by its `merged_kernel(scale)`; `scale` multiplies the
+    adapters' own alpha / rank."""
     flat = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, BASE_WEIGHTS))}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, LoRALinear):
-            key = (*path, "kernel")
-            kernel = flat[key]
-            flat[key] = (kernel.astype(jnp.float32) + scale * node.delta()).astype(kernel.dtype)
+            flat[(*path, "kernel")] = node.merged_kernel(scale)
     return traverse_util.unflatten_dict(flat)
 
 
