@@ -185,11 +185,11 @@ def jitted_step(run: Run) -> step_lib.StepFn:
     return step_lib.jit_train_step(step, run.setup)
 
 
-def _modules(run: Run, state: state_lib.TrainState, frozen: Any) -> tuple[nnx.Module, nnx.Module | None]:
+def _modules(run: Run, state: state_lib.TrainState,
+             frozen: state_lib.FrozenState) -> tuple[nnx.Module, nnx.Module | None]:
     params = state.ema if state.ema is not None else state.params
-    trainable = nnx.merge(run.setup.graphs.trainable, params, state.model_state)
-    frozen_module = nnx.merge(run.setup.graphs.frozen, frozen) if run.setup.graphs.frozen is not None else None
-    return trainable, frozen_module
+    trainable = state_lib.merge_trainable(run.setup.graphs.trainable, params, frozen, state.model_state)
+    return trainable, state_lib.merge_frozen(run.setup.graphs, frozen)
 
 
 def _due(step: int, every: int, total: int) -> bool:
