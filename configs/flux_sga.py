@@ -10,7 +10,8 @@ ROW is a comma-separated list of the paper's settings (any order, all optional):
   layer=K                        double block whose image stream is aligned (default 12; 8, 19 in Table 5)
   long_edge=L                    aligned grid's long edge in tokens (default 32; 64 at 4K, Table 7)
   weight=W                       lambda of the alignment term (default 0.5)
-  lora=R                         train LoRA adapters of rank R instead of all of Flux (default 0: off)
+  lora=R                         train LoRA adapters of rank R instead of all of Flux (default 0: off;
+                                 learning rate 1e-4, as diffusers' Flux LoRA scripts)
 e.g. `configs/flux_sga.py:sam2,layer=12,long_edge=64`, `configs/flux_sga.py:vanilla,fm`,
 `configs/flux_sga.py:lora=64` (one GPU: see docs/reproduce.md).
 
@@ -69,7 +70,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.sample_every = 1000
     config.eval_every = 0
     config.mesh.data, config.mesh.fsdp = 1, -1  # ZeRO-style: parameters and moments sharded over all devices
-    config.optimizer.learning_rate = 1e-5
+    config.optimizer.learning_rate = 1e-4 if row["lora"] else 1e-5
     config.optimizer.warmup_steps = 500
     config.optimizer.weight_decay = 1e-4
     config.precision.compute_dtype = "bfloat16"

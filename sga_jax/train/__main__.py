@@ -41,7 +41,7 @@ def dry_run_report(run: Run) -> str:
         f"task {run.config.task}: {count:,} trainable parameters",
         f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)",
-        "memory per device (parameters, optimizer state, EMA, frozen; activations not included):",
+        "memory per device (parameters, optimizer state, EMA, frozen incl. a LoRA's base; activations not included):",
         describe_memory(memory_estimate(run.setup)),
     ]
     return "\n".join(lines)
