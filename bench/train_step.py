@@ -187,38 +187,26 @@ def lora_main(image: int, repeats: int, assets: str) -> None:
         f"Flux width 256 with 2 + 2 blocks, F16 VAE, DINOv2-style prior, tiny text encoders, {image} x {image}, "
         f"batch 2, fp32, one CPU device, median of {repeats}; LoRA on diffusers' default targets (both streams' "
         "attention q/k/v/out and MLPs, the single blocks' q/k/v), base in fp32 like the full run. Memory: the "
-        "state's per-device estimate and XLA's compiled memory analysis of the same step.
-
-" + markdown_table(rows)
-        + f"
-
-LoRA / full step time = {lora['step_s'] / full['step_s']:.2f}; trainable parameters "
+        "state's per-device estimate and XLA's compiled memory analysis of the same step.\n\n" + markdown_table(rows)
+        + f"\n\nLoRA / full step time = {lora['step_s'] / full['step_s']:.2f}; trainable parameters "
         f"{lora['trainable'] / full['trainable']:.1%} of full; parameters + AdamW "
         f"{(lora['params_bytes'] + lora['optimizer_bytes']) / (full['params_bytes'] + full['optimizer_bytes']):.1%}. "
         "The step still runs the whole network forward and backward (activations' gradients flow through the "
         "frozen base to the adapters and the tapped block), so the time saved is the weight gradients of the "
-        "base and the optimizer update over it, not the forward.
-
-"
-        f"### Flux.1-dev + SGA + LoRA rank {dev['rank']} on one 80 GB GPU at {dev['image']} px
-
-"
+        "base and the optimizer update over it, not the forward.\n\n"
+        f"### Flux.1-dev + SGA + LoRA rank {dev['rank']} on one 80 GB GPU at {dev['image']} px\n\n"
         f"`configs/flux_sga.py:dinov2,lora={dev['rank']}` with `batch_size=1`, one device, captions from a cache "
         "(no T5-XXL / CLIP in memory), `remat=full`, chunked attention, bf16 compute. Planner not on main yet: "
         "the state from `--dry_run`'s estimate, the activations from an ahead-of-time compile of the real step "
         f"for this CPU (compiled in {dev['compile_s']:.0f} s, abstract arguments). LABELLED CPU ESTIMATE: XLA:CPU "
         "upcasts bf16 matmuls to f32 and has no rematerialisation pass or GPU scheduler, so its temporaries are a "
-        "rough proxy (reference/PLANNER.md measured CPU 1.3x GPU on a 12B DiT step).
-
-"
+        "rough proxy (reference/PLANNER.md measured CPU 1.3x GPU on a 12B DiT step).\n\n"
         + markdown_table(dev_rows)
-        + f"
-
-Verdict: {verdict} on one 80 GB GPU (peak estimate {peak / GIB:.1f} GiB against {GPU_BYTES / GIB:.1f} "
+        + f"\n\nVerdict: {verdict} on one 80 GB GPU (peak estimate {peak / GIB:.1f} GiB against {GPU_BYTES / GIB:.1f} "
         f"GiB; 90% usable with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`)."
     )
     write_section("train_step_lora", "Stage-2 train step: LoRA against full fine-tuning, Flux.1-dev LoRA memory", body,
-                  {"mid": numbers, "flux_dev_lora": {k: v for k, v in dev.items()}})
+                  {"mid": numbers, "flux_dev_lora": dev})
 
 
 def main() -> None:

@@ -82,8 +82,7 @@ def test_lora_is_sampled_merged_or_unmerged_at_its_scale(flux_folder, tmp_path):
 
     base, ae, text_encoder = sample.load_flux_folder(flux_folder, dtype="float32")
     rng = np.random.default_rng(0)
-    shapes = flux_lora._kernel_shapes(base.config)
-    adapters = {(layer.name, i, part): flux_lora.Adapter(rng.normal(size=(shapes[layer.name][-2], 2)).astype(np.float32),
+    adapters = {(layer.name, i, part): flux_lora.Adapter(rng.normal(size=(layer.in_features, 2)).astype(np.float32),
                                                          rng.normal(size=(2, size)).astype(np.float32) * 0.2, 0.5)
                 for layer in flux_lora.layers(base.config).values() for i in layer.indices() for part, size in layer.parts}
     file = flux_lora.write(adapters, base.config, tmp_path / "lora.safetensors", "kohya")

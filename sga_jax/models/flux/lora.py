@@ -76,13 +76,15 @@ XLABS = {  # x-flux's LoRA processors -> our layer (a qkv LoRA covers the first 
 class Layer:
     """One linear layer of Flux as LoRA files name it.
 
-    name: ours (`double_blocks.img_attn.qkv`); parts: (name, size) of its output projections;
-    layers: stack depth (None: not stacked); bfl: BFL module (`double_blocks.{i}.img_attn.qkv`);
+    name: ours (`double_blocks.img_attn.qkv`); in_features: its input width; parts: (name, size)
+    of its output projections; layers: stack depth (None: not stacked); bfl: BFL module
+    (`double_blocks.{i}.img_attn.qkv`);
     diffusers: the diffusers module of each part (`transformer_blocks.{i}.attn.to_q`, ...);
     swap_halves: diffusers stores the two output halves the other way round (norm_out.linear).
     """
 
     name: str
+    in_features: int
     parts: tuple[Part, ...]
     layers: int | None
     bfl: str
@@ -129,14 +131,13 @@ def layers(config: FluxConfig) -> dict[str, Layer]:
     (derived from the BFL and diffusers key maps and the model's fused-layer parts)."""
     base = dataclasses.replace(config, lora=None)
     every = convert.abstract_model(dataclasses.replace(base, lora=nn.LoRAConfig(rank=1, targets=(".*",))))
-    parts = {name: layer.parts for name, layer in nn.adapted_layers(every)}
     bfl, diffusers = convert.bfl_key_map(base), convert.diffusers_key_map(base)
     out = {}
-    for name, layer_parts in parts.items():
-        theirs = diffusers[f"{name}.kernel"]
-        if isinstance(theirs.transform, W.Concat) and theirs.transform.sizes != tuple(s for _, s in layer_parts):
-            raise AssertionError(f"{name}: diffusers splits {theirs.transform.sizes}, the model {layer_parts}")
-        out[name] = Layer(name, layer_parts, bfl[f"{name}.kernel"].layers, _module(bfl[f"{name}.kernel"].keys[0]),
+    for name, layer in nn.adapted_layers(every):
+        theirs, ours = diffusers[f"{name}.kernel"], bfl[f"{name}.kernel"]
+        if isinstance(theirs.transform, W.Concat) and theirs.transform.sizes != tuple(s for _, s in layer.parts):
+            raise AssertionError(f"{name}: diffusers splits {theirs.transform.sizes}, the model {layer.parts}")
+        out[name] = Layer(name, layer.in_features, layer.parts, ours.layers, _module(ours.keys[0]),
                           tuple(_module(k) for k in theirs.keys), isinstance(theirs.transform, W.SwapHalves))
     return out
 
@@ -311,7 +312,7 @@ def _read_diffusers(reader: W.CheckpointReader, keys: set[str], config: FluxConf
                     continue
                 if f"{prefix}{module}.lora_B.bias" in keys:
                     raise W.CheckpointError(f"{reader.path}: {module} has a lora_B bias, which is not supported")
-                a = _read_tensor(reader, a_key, (None, _in_features(config, layer)))
+                a = _read_tensor(reader, a_key, (None, layer.in_features))
                 b = _read_tensor(reader, b_key, (size, a.shape[0]))
                 alpha_key = f"{prefix}{module}.alpha"
                 rank = a.shape[0]
@@ -327,19 +328,6 @@ def _read_diffusers(reader: W.CheckpointReader, keys: set[str], config: FluxConf
                 adapters[(layer.name, index, part)] = Adapter(a.T, b, alpha / root)
                 used.update((a_key, b_key))
     return adapters, used
-
-
-def _in_features(config: FluxConfig, layer: Layer) -> int:
-    """Input features of a layer, from the abstract model's kernel shape."""
-    return _kernel_shapes(config)[layer.name][-2]
-
-
-@functools.lru_cache(maxsize=8)
-def _kernel_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
-    base = dataclasses.replace(config, lora=None)
-    return {name.removesuffix(".kernel"): tuple(var.get_value().shape)
-            for name, var in W.flat_params(nnx.state(convert.abstract_model(base), nnx.Param)).items()
-            if name.endswith(".kernel")}
 
 
 def _split_fused(layer: Layer, down: np.ndarray, up: np.ndarray, scale: float, where: str) -> dict[str, Adapter]:
@@ -363,8 +351,8 @@ def _split_fused(layer: Layer, down: np.ndarray, up: np.ndarray, scale: float, w
 
 
 def _read_fused(reader: W.CheckpointReader, layer: Layer, index: int | None, down_key: str, up_key: str,
-                alpha_key: str | None, config: FluxConfig) -> tuple[dict[str, Adapter], set[str]]:
-    down = _read_tensor(reader, down_key, (None, _in_features(config, layer)))
+                alpha_key: str | None) -> tuple[dict[str, Adapter], set[str]]:
+    down = _read_tensor(reader, down_key, (None, layer.in_features))
     up = _read_tensor(reader, up_key, (None, down.shape[0]))
     used = {down_key, up_key}
     alpha = float(down.shape[0])
@@ -381,7 +369,7 @@ def _read_kohya(reader: W.CheckpointReader, keys: set[str], config: FluxConfig):
             for module in (layer.kohya.format(i=index), COMFY_PREFIX + layer.bfl.format(i=index)):
                 down_key, up_key = f"{module}.lora_down.weight", f"{module}.lora_up.weight"
                 if down_key in keys or up_key in keys:
-                    parts, keys_used = _read_fused(reader, layer, index, down_key, up_key, f"{module}.alpha", config)
+                    parts, keys_used = _read_fused(reader, layer, index, down_key, up_key, f"{module}.alpha")
                     adapters.update({(layer.name, index, part): adapter for part, adapter in parts.items()})
                     used |= keys_used
     return adapters, used
@@ -396,7 +384,7 @@ def _read_xlabs(reader: W.CheckpointReader, keys: set[str], config: FluxConfig):
             for module in (template.format(i=index), COMFY_PREFIX + template.format(i=index)):
                 down_key, up_key = f"{module}.down.weight", f"{module}.up.weight"
                 if down_key in keys or up_key in keys:
-                    parts, keys_used = _read_fused(reader, layer, index, down_key, up_key, None, config)
+                    parts, keys_used = _read_fused(reader, layer, index, down_key, up_key, None)
                     adapters.update({(layer.name, index, part): adapter for part, adapter in parts.items()})
                     used |= keys_used
     return adapters, used
