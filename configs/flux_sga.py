@@ -10,7 +10,14 @@ ROW is a comma-separated list of the paper's settings (any order, all optional):
   layer=K                        double block whose image stream is aligned (default 12; 8, 19 in Table 5)
   long_edge=L                    aligned grid's long edge in tokens (default 32; 64 at 4K, Table 7)
   weight=W                       lambda of the alignment term (default 0.5)
-e.g. `configs/flux_sga.py:sam2,layer=12,long_edge=64`, `configs/flux_sga.py:vanilla,fm`.
+  lora=R                         train LoRA adapters of rank R instead of all of Flux (default 0: off;
+                                 learning rate 1e-4, as diffusers' Flux LoRA scripts)
+e.g. `configs/flux_sga.py:sam2,layer=12,long_edge=64`, `configs/flux_sga.py:vanilla,fm`,
+`configs/flux_sga.py:lora=64` (one GPU: see docs/reproduce.md).
+
+`config.lora`: rank, alpha (0: alpha = rank, scale 1), dropout, targets (regular expressions on
+Flux's layer names, default diffusers' Flux LoRA scripts' modules: both streams' attention q/k/v/out
+and MLPs, the single blocks' q/k/v), base_dtype (the frozen base weights' storage dtype).
 
 Attention kernels: `--config.model.attention=cudnn --config.model.prior.attention=cudnn` on NVIDIA
 GPUs (cuDNN's fused flash attention), `=splash` on TPUs (the Pallas splash kernel; its tile sizes are
@@ -26,6 +33,7 @@ import dataclasses
 import ml_collections
 
 from sga_jax.data.pipeline import default_data_config
+from sga_jax.models.flux.lora import DEFAULT_TARGETS
 from sga_jax.models.nn import SplashBlockSizes
 from sga_jax.text import default_text_config
 from sga_jax.train.config import base_config
@@ -37,12 +45,13 @@ PRIOR_PRESETS = {"dinov2": "vitb14", "dinov3": "vitb16", "sam2": "base_plus"}
 
 def parse_row(arg: str | None) -> dict:
     """'dinov3,layer=8,wlf' -> {"prior": "dinov3", "layer": 8, "objective": "wlf"}; errors name the token."""
-    row = {"prior": "dinov2", "method": "sga", "objective": "wlf", "layer": 12, "long_edge": 32, "weight": 0.5}
+    row = {"prior": "dinov2", "method": "sga", "objective": "wlf", "layer": 12, "long_edge": 32, "weight": 0.5,
+           "lora": 0}
     for token in filter(None, (t.strip() for t in (arg or "").split(","))):
         if "=" in token:
             key, value = token.split("=", 1)
-            if key not in ("layer", "long_edge", "weight"):
-                raise ValueError(f"config argument {token!r}: unknown key {key!r} (layer, long_edge, weight)")
+            if key not in ("layer", "long_edge", "weight", "lora"):
+                raise ValueError(f"config argument {token!r}: unknown key {key!r} (layer, long_edge, weight, lora)")
             row[key] = float(value) if key == "weight" else int(value)
         elif token in PRIORS:
             row["prior"] = token
@@ -52,7 +61,7 @@ def parse_row(arg: str | None) -> dict:
             row["objective"] = token
         else:
             raise ValueError(f"config argument {token!r}: expected a prior {PRIORS}, a method {tuple(METHODS)}, "
-                             "fm | wlf, or layer= / long_edge= / weight=")
+                             "fm | wlf, or layer= / long_edge= / weight= / lora=")
     return row
 
 
@@ -68,7 +77,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.sample_every = 1000
     config.eval_every = 0
     config.mesh.data, config.mesh.fsdp = 1, -1  # ZeRO-style: parameters and moments sharded over all devices
-    config.optimizer.learning_rate = 1e-5
+    config.optimizer.learning_rate = 1e-4 if row["lora"] else 1e-5
     config.optimizer.warmup_steps = 500
     config.optimizer.weight_decay = 1e-4
     config.precision.compute_dtype = "bfloat16"
@@ -106,6 +115,13 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
         "irepa_alpha": 0.6,
         "irepa_kernel": 1,
         "repa_hidden": 2048,
+    })
+    config.lora = ml_collections.ConfigDict({
+        "rank": row["lora"],  # 0: full fine-tuning
+        "alpha": 0.0,  # 0: alpha = rank (scale 1, as diffusers' Flux LoRA scripts)
+        "dropout": 0.0,
+        "targets": DEFAULT_TARGETS,
+        "base_dtype": "bfloat16",  # the frozen base weights ("float32" for an fp32 base)
     })
     config.sample = ml_collections.ConfigDict({
         "prompts": ("A majestic snow-capped mountain range at sunrise, ultra detailed",

@@ -227,8 +227,8 @@ def test_weights_load_from_public_formats_into_the_run(demo_config, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
     assert_same(state.params["flux"], flux_model)
-    assert_same(frozen["vae"], ae)
-    assert_same(frozen["prior"]["model"], prior)
+    assert_same(frozen.module["vae"], ae)
+    assert_same(frozen.module["prior"]["model"], prior)
 
 
 def test_training_run_exports_flux_that_diffusers_loads(demo_config, tmp_path):

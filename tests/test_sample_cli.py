@@ -74,3 +74,38 @@ def test_missing_weights_are_named(tmp_path, capsys):
         sample.load_flux_folder(tmp_path)
     assert main(["--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2  # no --prompt
     assert capsys.readouterr().err.startswith("error: give at least one --prompt")
+
+
+def test_lora_is_sampled_merged_or_unmerged_at_its_scale(flux_folder, tmp_path):
+    """A kohya LoRA on every layer: merged and unmerged give the same velocities, scale 0 gives the
+    base model, and the command line samples with it."""
+    from sga_jax.models import nn
+    from sga_jax.models.flux import lora as flux_lora
+
+    base, ae, text_encoder = sample.load_flux_folder(flux_folder, dtype="float32")
+    rng = np.random.default_rng(0)
+    adapters = {(layer.name, i, part): flux_lora.Adapter(rng.normal(size=(layer.in_features, 2)).astype(np.float32),
+                                                         rng.normal(size=(2, size)).astype(np.float32) * 0.2, 0.5)
+                for layer in flux_lora.layers(base.config).values() for i in layer.indices() for part, size in layer.parts}
+    file = flux_lora.write(adapters, base.config, tmp_path / "lora.safetensors", "kohya")
+
+    def velocity(model):
+        b, h, w = 1, 4, 6
+        x = jax.random.normal(jax.random.key(0), (b, h * w // 4, 64))
+        txt, y = jax.random.normal(jax.random.key(1), (b, 3, 32)), jax.random.normal(jax.random.key(2), (b, 32))
+        return np.asarray(model(x, sample.image_ids(b, h, w), txt, sample.text_ids(b, 3), jax.numpy.array([0.5]), y,
+                                jax.numpy.array([3.5])))
+
+    merged, _, _ = sample.load_flux_folder(flux_folder, dtype="float32", lora=file, lora_scale=0.7)
+    unmerged, _, _ = sample.load_flux_folder(flux_folder, dtype="float32", lora=file, lora_scale=0.7, lora_merged=False)
+    off, _, _ = sample.load_flux_folder(flux_folder, dtype="float32", lora=file, lora_scale=0.0)
+    assert not list(nn.adapted_layers(merged)) and list(nn.adapted_layers(unmerged))
+    np.testing.assert_allclose(velocity(merged), velocity(unmerged), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(velocity(off), velocity(base), rtol=1e-6, atol=1e-6)
+    assert np.abs(velocity(merged) - velocity(base)).max() > 1e-2
+
+    out = tmp_path / "images"
+    assert main(["--root", str(flux_folder), "--height", "48", "--width", "48", "--steps", "2", "--dtype",
+                        "float32", "--prompt", PROMPTS[0], "--lora", str(file), "--lora_scale", "0.7", "--lora_unmerged",
+                        "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out / sample.image_filename(0, PROMPTS[0]))).shape == (48, 48, 3)

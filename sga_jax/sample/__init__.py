@@ -5,6 +5,8 @@ images). Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed
 
 `load_flux_folder`, `generate` and `write_samples` are what `python -m sga_jax.sample` (its
 `__main__`) runs: prompts -> PNG files from a Flux.1 folder or hub id.
+`load_flux_folder(..., lora=FILE, lora_scale=S)` applies a LoRA in the diffusers / PEFT, kohya
+(ComfyUI) or XLabs layout, merged into the weights (default) or run beside them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from sga_jax.data.transforms import to_pixels
 from sga_jax.models import vae
+from sga_jax.models.flux import lora as flux_lora
 from sga_jax.text import TextEncoder, default_text_config, text_encoder_from_config
 from sga_jax.weights import converted, hub
 
@@ -216,17 +219,25 @@ def load_flux_folder(
     vae_f16: bool = False,
     dtype: str = "bfloat16",
     attention: str = "chunked",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    lora_merged: bool = True,
 ) -> tuple[nnx.Module, vae.AutoEncoder, TextEncoder]:
     """(Flux transformer, VAE, text encoder) of a Flux.1 folder or hub id (BFL's single files or
     the diffusers layout, text encoders and tokenizers beside them); `transformer` / `vae_weights`
     (paths or hub ids, any format `sga_jax.weights.converted.load_model` reads) replace the
     folder's own, which are then not fetched. `vae_f16` runs F8 VAE weights in the paper's F16
     form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512 tokens for
-    guidance-distilled (dev) models and 256 otherwise (schnell), as BFL."""
+    guidance-distilled (dev) models and 256 otherwise (schnell), as BFL. `lora`: a LoRA file (any
+    layout `flux.lora.read` takes) times `lora_scale`, merged into the transformer's weights or,
+    with `lora_merged=False`, run beside them."""
     layouts = [hub.FLUX_TEXT] + ([] if transformer else [hub.FLUX]) + ([] if vae_weights else [hub.VAE])
     root = hub.resolve_folder(root, layouts)
     model = converted.load_model("flux", hub.resolve(transformer or root, hub.FLUX),
                                  dtype=dtype, param_dtype=dtype, attention=attention)
+    if lora:
+        adapters = flux_lora.read(lora, model.config)
+        model = (flux_lora.merge if lora_merged else flux_lora.attach)(model, adapters, lora_scale)
     vae_overrides = {"f16": True} if vae_f16 else {}
     ae = converted.load_model("vae", hub.resolve(vae_weights or root, hub.VAE), dtype=dtype, param_dtype=dtype,
                               **vae_overrides)

@@ -4,12 +4,15 @@ Prompts -> PNG files with Flux.1: one image per prompt and an index.jsonl (file,
 size, steps, guidance per line, as `python -m sga_jax.evaluate --clip` reads it). --root is a
 Flux.1 folder or hub id (BFL single files or the diffusers layout, with the text encoders and
 tokenizers); --transformer swaps in fine-tuned weights (`python -m sga_jax.train.export`, or a
-`python -m sga_jax.convert` directory).
+`python -m sga_jax.convert` directory); --lora applies a LoRA (diffusers / PEFT, kohya / ComfyUI
+or XLabs layout) at --lora_scale, merged into the weights unless --lora_unmerged.
 
 Examples:
   python -m sga_jax.sample --root FLUX.1-dev --prompt "a red fox in fresh snow" --out samples/
   python -m sga_jax.sample --root black-forest-labs/FLUX.1-dev --transformer flux_sga --vae_f16 \\
       --prompts_file prompts.txt --height 2048 --width 2048 --steps 50 --guidance 7 --out samples/
+  python -m sga_jax.sample --root FLUX.1-dev --lora my_style.safetensors --lora_scale 0.8 \\
+      --prompt "a lighthouse at dusk" --out samples/
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def parser() -> cli.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1, help="images per sampling batch")
     p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype of every network")
     p.add_argument("--attention", default="chunked", help="Flux attention: xla | chunked | cudnn")
+    p.add_argument("--lora", help="a LoRA file or directory (diffusers / PEFT, kohya / ComfyUI or XLabs layout)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the LoRA (multiplies its alpha / rank)")
+    p.add_argument("--lora_unmerged", action="store_true",
+                   help="keep the LoRA beside the weights instead of merging it into them")
     return p
 
 
@@ -54,7 +61,9 @@ def _main(argv: list[str]) -> int:
         raise UsageError("give at least one --prompt or a --prompts_file")
     start = time.perf_counter()
     model, ae, text_encoder = sample.load_flux_folder(args.root, transformer=args.transformer, vae_weights=args.vae,
-                                                      vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention)
+                                                      vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention,
+                                                      lora=args.lora, lora_scale=args.lora_scale,
+                                                      lora_merged=not args.lora_unmerged)
     steps = args.steps or (28 if model.config.guidance_embed else 4)
     batches = sample.generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)

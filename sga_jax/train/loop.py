@@ -179,7 +179,7 @@ def dry_run_report(run: Run) -> str:
         f"task {run.config.task}: {count:,} trainable parameters",
         f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{jax.process_count()} process(es)",
-        "memory per device (parameters, optimizer state, EMA, frozen; activations not included):",
+        "memory per device (parameters, optimizer state, EMA, frozen incl. a LoRA's base; activations not included):",
         describe_memory(state_lib.memory_estimate(run.setup)),
     ]
     return "\n".join(lines)
@@ -228,11 +228,11 @@ class StepExecutables:
         return self.compiled[self.signature(batch)](state, frozen, batch)
 
 
-def _modules(run: Run, state: state_lib.TrainState, frozen: Any) -> tuple[nnx.Module, nnx.Module | None]:
+def _modules(run: Run, state: state_lib.TrainState,
+             frozen: state_lib.FrozenState) -> tuple[nnx.Module, nnx.Module | None]:
     params = state.ema if state.ema is not None else state.params
-    trainable = nnx.merge(run.setup.graphs.trainable, params, state.model_state)
-    frozen_module = nnx.merge(run.setup.graphs.frozen, frozen) if run.setup.graphs.frozen is not None else None
-    return trainable, frozen_module
+    trainable = state_lib.merge_trainable(run.setup.graphs.trainable, params, frozen, state.model_state)
+    return trainable, state_lib.merge_frozen(run.setup.graphs, frozen)
 
 
 def _due(step: int, every: int, total: int) -> bool:

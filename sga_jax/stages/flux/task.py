@@ -10,11 +10,15 @@ place, or none (vanilla fine-tuning).
 Only Flux and the head train. The VAE, the prior and the text encoders are frozen: they live in
 the frozen module (no gradients, no optimizer state, sharded by the same rules) and are loaded from
 the weight paths in the config, or randomly initialised when a path is empty (the demo, which says
-so). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
+so). With `config.lora.rank` > 0 Flux trains low-rank adapters only (`nn.lora`): its base weights
+are `nn.Frozen` (in `config.lora.base_dtype`), loaded from `config.model.flux.weights` on every
+start with the frozen state, so gradients, optimizer state and checkpoints hold the adapters and
+the head alone; `export` then writes LoRA files (`lora`: diffusers / PEFT, `lora-kohya`: kohya /
+ComfyUI) or the merged model (`diffusers`, `bfl`). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
 written by `python -m sga_jax.encode` (`config.data.caption_cache`).
 
 Config: see `configs/flux_sga.py`; the task's own section is `config.model` (the networks and
-their weights), `config.objective`, `config.align` and `config.sample`.
+their weights), `config.objective`, `config.align`, `config.lora` and `config.sample`.
 """
 
 from __future__ import annotations
@@ -39,16 +43,19 @@ from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.errors import ConfigError
 from sga_jax.models import clip, flux, nn, t5, vae
+from sga_jax.models.flux import lora as flux_lora
 from sga_jax.text import encode_tokens, load_tokenizer, resolve_paths, tokenize
 from sga_jax.weights import converted
 from sga_jax.stages import common
 from sga_jax.stages.flux import flow_matching as fm
 from sga_jax.train import plots
+from sga_jax.train.state import FrozenState
 
 log = logging.getLogger(__name__)
 
 ALIGN_METHODS = ("sga", "irepa", "repa", "none")
 OBJECTIVES = ("fm", "wlf")
+LORA_FORMATS = {"lora": "diffusers", "lora-kohya": "kohya"}  # export format -> flux.lora layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,11 @@ class FluxSGATask:
                                           param_dtype="float32", remat=m.flux.get("remat", "none"),
                                           attention=m.get("attention", "chunked"),
                                           splash_block_sizes=nn.SplashBlockSizes(**m.get("splash_block_sizes", {})))
+        lora = config.get("lora")
+        if lora is not None and int(lora.rank) > 0:
+            adapters = nn.LoRAConfig(rank=int(lora.rank), alpha=float(lora.alpha) or None, dropout=float(lora.dropout),
+                                     targets=tuple(lora.targets))
+            flux_config = dataclasses.replace(flux_config, param_dtype=lora.base_dtype, lora=adapters)
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
@@ -167,44 +179,69 @@ class FluxSGATask:
         """(trainable Flux + head, frozen VAE / prior / text encoders), randomly initialised."""
         return FluxWithHead(self.networks.flux, self._head(rngs), rngs=rngs), self._frozen(rngs)
 
+    @property
+    def lora(self) -> bool:
+        """Whether Flux trains LoRA adapters only (`config.lora.rank` > 0)."""
+        return self.networks.flux.lora is not None
+
     def load_pretrained(self, params: dict, shardings: dict) -> dict:
-        """Replace the random Flux parameters with `config.model.flux.weights` when it is set."""
+        """Replace the random Flux parameters with `config.model.flux.weights` when it is set (a LoRA
+        run's adapters keep their start, B = 0; its base weights load with the frozen state)."""
+        if self.lora:
+            return params
         path = common.weights_path(self.config.model.flux, "flux")
         if path is None:
             log.warning("config.model.flux.weights is empty: Flux starts from RANDOM weights")
             return params
-        model = converted.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
-                                   param_dtype="float32", remat=self.networks.flux.remat)
-        return {**params, "flux": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+        return {**params, "flux": self._flux_weights(path, shardings["flux"], "float32")}
 
-    def load_frozen(self, abstract: dict, shardings: dict) -> dict:
+    def _flux_weights(self, path: str, shardings: dict | None, param_dtype: str) -> dict:
+        """The pure dict of a Flux checkpoint's weights (any format `converted.load_model` reads)."""
+        model = converted.load_model("flux", path, shardings=shardings, dtype=self.networks.flux.dtype,
+                                     param_dtype=param_dtype, remat=self.networks.flux.remat)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def load_frozen(self, abstract: FrozenState, shardings: FrozenState) -> FrozenState:
         """Frozen weights from their paths, each streamed into its shardings; parts without a path
-        are randomly initialised from the seed (only those: XLA drops the others' initialisers)."""
+        are randomly initialised from the seed (only those: XLA drops the others' initialisers). A
+        LoRA run's base Flux (`abstract.trainable["flux"]`) is one more part, from `config.model.flux.weights`."""
         m = self.config.model
         paths = {"vae": common.weights_path(m.vae, "vae")}
-        if abstract.get("prior") is not None:
+        if abstract.module.get("prior") is not None:
             paths["prior"] = common.weights_path(m.prior, self.networks.prior_kind)
         if self.text_paths is not None:
             paths["t5"], paths["clip"] = self.text_paths["t5"], self.text_paths["clip"]
-        state = {name: None for name in abstract}
+        if self.lora:
+            paths["flux"] = common.weights_path(m.flux, "flux")
+
+        def part_shardings(name: str) -> dict:
+            return shardings.trainable[name] if name == "flux" else shardings.module[name]
+
         random_parts = [name for name, path in paths.items() if path is None]
+        loaded = {}
         if random_parts:
             for name in random_parts:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
 
             def init(key: jax.Array) -> dict:
-                full = nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
+                rngs = nnx.Rngs(key)
+                full = nnx.to_pure_dict(nnx.split(self._frozen(rngs))[1])
+                if "flux" in random_parts:
+                    full["flux"] = nnx.to_pure_dict(nnx.state(flux.Flux(self.networks.flux, rngs=rngs), nn.Frozen))
                 return {name: full[name] for name in random_parts}
 
-            out_shardings = {name: shardings[name] for name in random_parts}
-            state.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
+            out_shardings = {name: part_shardings(name) for name in random_parts}
+            loaded.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
         for name, path in paths.items():
             if path is not None:
-                state[name] = self._load_frozen_part(name, path, shardings[name])
-        return state
+                loaded[name] = self._load_frozen_part(name, path, part_shardings(name))
+        trainable = {"flux": loaded.pop("flux")} if self.lora else {}
+        return FrozenState(trainable=trainable, module={name: loaded.get(name) for name in abstract.module})
 
     def _load_frozen_part(self, name: str, path: Path, shardings: dict) -> dict:
         """One frozen network's variables from `path` (public format or converted directory)."""
+        if name == "flux":
+            return self._flux_weights(path, shardings, self.networks.flux.param_dtype)
         dtype = self.config.text.dtype if name in ("t5", "clip") else self.config.model.get("frozen_dtype", "float32")
         overrides = {"dtype": dtype, "param_dtype": dtype}
         if name == "vae":
@@ -233,7 +270,8 @@ class FluxSGATask:
         guidance = jnp.full((b,), config.guidance, jnp.float32) if self.networks.flux.guidance_embed else None
         method = config.align.method
         tap = None if method == "none" else int(config.align.block)
-        out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
+        with nn.dropout_rng(jax.random.fold_in(rng, 2)):  # adapter dropout (LoRA runs with config.lora.dropout)
+            out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
         velocity, hidden = (out, None) if tap is None else out
         velocity = velocity.astype(jnp.float32)
         weights = common.example_weights(batch, b)
@@ -272,13 +310,31 @@ class FluxSGATask:
         txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch, mask_t5=self.config.text.mask_t5)
         return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
 
-    export_formats = ("diffusers", "bfl")
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        """Flux in diffusers' or BFL's layout; a LoRA run also its adapters as LoRA files."""
+        return ("diffusers", "bfl") + (tuple(LORA_FORMATS) if self.lora else ())
 
     def export(self, read: Callable[[str, Any], dict], out: str | Path, *, format: str, dtype: str | None) -> None:
-        """Write the trained Flux (the head is training-only) with `flux.save` in `format`."""
-        graphdef, weights = nnx.split(flux.abstract_model(self.networks.flux), nnx.Param)
+        """Write the trained Flux (the head is training-only) with `flux.save` in `format`; for a
+        LoRA run, `lora` / `lora-kohya` write its adapters (`flux.lora.write`) and `diffusers` /
+        `bfl` the base from `config.model.flux.weights` with the adapters merged in."""
+        graphdef, weights, base = nnx.split(flux.abstract_model(self.networks.flux), nnx.Param, nn.Frozen)
         nnx.replace_by_pure_dict(weights, read("flux", nnx.to_pure_dict(weights)))
-        flux.save(nnx.merge(graphdef, weights), out, format=format, dtype=dtype)
+        if format in LORA_FORMATS:
+            model = nnx.merge(graphdef, weights, base)  # the base stays abstract: a LoRA file needs the adapters only
+            flux_lora.write(flux_lora.from_model(model), model.config, out, LORA_FORMATS[format], dtype=dtype)
+            return
+        if self.lora:
+            path = self.config.model.flux.get("weights", "")
+            if not path:
+                raise ValueError("a merged export needs the LoRA's base weights, but this run's "
+                                 "config.model.flux.weights is empty (its base was random)")
+            nnx.replace_by_pure_dict(base, self._flux_weights(path, None, self.networks.flux.param_dtype))
+            model = flux_lora.merged(nnx.merge(graphdef, weights, base))
+        else:
+            model = nnx.merge(graphdef, weights, base)
+        flux.save(model, out, format=format, dtype=dtype)
 
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
         """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
