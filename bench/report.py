@@ -85,11 +85,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str, record: dict[str, Any]) -> None:
-    """Replace (or append) section `name` of docs/benchmarks.md and write docs/bench/NAME.json."""
+def write_section(name: str, title: str, body: str, record: dict[str, Any], *, command: str | None = None) -> None:
+    """Replace (or append) section `name` of docs/benchmarks.md and write docs/bench/NAME.json.
+
+    `command` is what produced it (default `python bench/NAME.py`), for a script with several sections."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = command or f"python bench/{name}.py"
     section = (
-        f"<!-- bench:{name} -->\n## {title}\n\n`python bench/{name}.py` on {stamp}; {machine()}.\n\n"
+        f"<!-- bench:{name} -->\n## {title}\n\n`{command}` on {stamp}; {machine()}.\n\n"
         f"{body.strip()}\n<!-- /bench:{name} -->"
     )
     DOC.parent.mkdir(parents=True, exist_ok=True)

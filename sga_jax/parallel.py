@@ -23,6 +23,8 @@ from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from sga_jax.errors import ConfigError
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axes (a name, a tuple of names, or None for replicated). A mesh axis is
@@ -52,23 +54,23 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        raise ConfigError(f"config.mesh: unknown axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
     shape = [int(sizes.get(name, 1)) for name in MESH_AXES]
     free = [i for i, s in enumerate(shape) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+        raise ConfigError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
     fixed = math.prod(s for s in shape if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh: {dict(zip(MESH_AXES, shape))} needs a multiple of {fixed} devices, "
                 f"got {num_devices}"
             )
         shape[free[0]] = num_devices // fixed
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh: {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices, "
             f"but {num_devices} are available"
         )
@@ -115,7 +117,7 @@ def resolve_rules(rules: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]
             axes = tuple(target)
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
-            raise ValueError(f"config.sharding_rules[{name!r}]: unknown mesh axes {bad}; expected {MESH_AXES}")
+            raise ConfigError(f"config.sharding_rules[{name!r}]: unknown mesh axes {bad}; expected {MESH_AXES}")
         out[name] = axes
     return out
 
@@ -193,7 +195,7 @@ def check_batch_layout(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> None
     device, as do meshes that leave any axis at 1."""
     batch = tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
     if batch == ("data", "fsdp") and mesh.shape["tensor"] > 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(mesh.shape)} with sharding_rules.batch=('data', 'fsdp') is refused: XLA was seen "
             "to compute wrong results for it. Set config.sharding_rules.batch=('fsdp', 'data') or leave one "
             "of data / fsdp / tensor at 1"
@@ -259,7 +261,7 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> Cluster | None:
     if env.get("JAX_COORDINATOR_ADDRESS"):
         missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
         if missing:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+            raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
         return Cluster("explicit", env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
         return Cluster("slurm")

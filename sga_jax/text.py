@@ -12,7 +12,10 @@ only `input_ids`), so padding tokens are attended to and their outputs are kept;
 on exactly that. `TextEncoder` does the same by default; `mask_t5=True` masks T5's padded keys for
 models trained that way. The T5 mask is still returned by `tokenize` (and cached) for such uses.
 
-Tokenizers are loaded from local directories with transformers (never from the hub).
+Tokenizers are loaded from local directories with transformers (never from the hub itself: a
+hub id in a text config is fetched once into the hub cache by `resolve_paths`, then read from
+there). `default_text_config` is the `text` section of a config (where the encoders and
+tokenizers are, the lengths and dtype) and `text_encoder_from_config` loads what it names.
 `build_demo_tokenizers` trains small ones with the `tokenizers` library, and
 `build_demo_text_folder` adds tiny random encoders in a Flux-layout folder, for tests and the demo.
 """
@@ -28,16 +31,81 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
+from sga_jax import parallel
+from sga_jax.errors import ConfigError
 from sga_jax.models import clip as clip_family
 from sga_jax.models import t5 as t5_family
+from sga_jax.weights import hub
 
 T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 CLIP_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+FLUX_FOLDERS = {"t5": "text_encoder_2", "clip": "text_encoder", "t5_tokenizer": "tokenizer_2", "clip_tokenizer": "tokenizer"}
+
+
+def default_text_config() -> ml_collections.ConfigDict:
+    """The `text` section of a config: the Flux text encoders and how captions are encoded.
+
+    root: a Flux.1 folder or hub id (black-forest-labs/FLUX.1-dev: only its text encoders and
+      tokenizers are fetched); any of t5 / clip / t5_tokenizer / clip_tokenizer left empty is
+      taken from its standard subfolder (text_encoder_2, text_encoder, tokenizer_2, tokenizer).
+    t5, clip: save_pretrained directories (or safetensors files, or hub ids) of T5EncoderModel /
+      CLIPTextModel.
+    t5_tokenizer, clip_tokenizer: tokenizer directories or hub ids.
+    t5_length: 512 for Flux.1-dev, 256 for schnell. clip_length: 77.
+    dtype: compute and parameter dtype of both encoders. mask_t5: False as Flux (see the module docstring).
+    batch_size: captions per encoding step on this process. records_per_shard: cache shard size
+      (an interruption re-encodes at most one shard).
+    """
+    return ml_collections.ConfigDict({
+        "root": "",
+        "t5": "",
+        "clip": "",
+        "t5_tokenizer": "",
+        "clip_tokenizer": "",
+        "t5_length": 512,
+        "clip_length": 77,
+        "dtype": "bfloat16",
+        "mask_t5": False,
+        "batch_size": 16,
+        "records_per_shard": 256,
+    })
+
+
+def resolve_paths(text_config: Any) -> dict[str, Path]:
+    """The local paths of the four encoders / tokenizers of a text config: each field that is set
+    (a path or hub id), else its subfolder of `root` (one resolution of the root for all four)."""
+    paths, root = {}, None
+    for field, folder in FLUX_FOLDERS.items():
+        if text_config[field]:
+            layout = hub.TOKENIZER if field.endswith("tokenizer") else hub.PRETRAINED
+            paths[field] = hub.resolve(text_config[field], layout)
+        elif text_config.root:
+            root = root or hub.resolve_folder(text_config.root, (hub.FLUX_TEXT,))
+            paths[field] = root / folder
+        else:
+            raise ConfigError(f"config.text.{field} is empty and config.text.root is not set; give one of them")
+    return paths
+
+
+def text_encoder_from_config(text_config: Any, mesh: jax.sharding.Mesh | None = None,
+                             rules: Any = None) -> "TextEncoder":
+    """Load the TextEncoder a text config describes; with `mesh`, parameters are placed straight
+    into their shardings by logical axis names (`rules` from `sga_jax.parallel.resolve_rules`)."""
+    paths = resolve_paths(text_config)
+    shardings = None
+    if mesh is not None:
+        shardings = lambda abstract: parallel.state_shardings(abstract, mesh, rules)  # noqa: E731
+    return TextEncoder.from_pretrained(
+        paths["t5"], paths["clip"], paths["t5_tokenizer"], paths["clip_tokenizer"],
+        t5_length=text_config.t5_length, clip_length=text_config.clip_length, dtype=text_config.dtype,
+        t5_shardings=shardings, clip_shardings=shardings, mask_t5=text_config.mask_t5,
+    )
 
 
 def load_tokenizer(kind: str, path: str | os.PathLike) -> Any:

@@ -4,6 +4,8 @@ zero-row, transform and sharding contracts."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sga_jax.align import irepa_loss, normalize_rows, repa_loss, sga_loss, spatial_gram
-from sga_jax.align.sga import choose_method
+from sga_jax.align.sga import choose_method, method_costs
 from tests.torch_reference import assert_close_relative
 
 EPS_F32 = float(np.finfo(np.float32).eps)
@@ -117,12 +119,31 @@ def test_methods_agree_and_auto_picks_the_cheaper():
     gen, ref = random_pair((2, 96, 24, 32), seed=3)
     values = [float(sga_loss(gen, ref, method=m)) for m in METHODS]
     assert max(values) - min(values) <= 1e-6 * max(values)
-    # gram costs N^2 (Cg + Cf) multiply-adds, channel N (Cg^2 + Cf^2 + Cg Cf): ~1.5 C is the switch.
-    assert choose_method(4096, 768, 768) == "channel"
-    assert choose_method(1024, 768, 768) == "gram"
-    assert choose_method(1024, 768, 1024) == "gram"
-    assert choose_method(160, 100, 100) == "channel"
-    assert choose_method(140, 100, 100) == "gram"
+    # Multiply-adds alone: gram N^2 (Cg + Cf), channel N (Cg^2 + Cf^2 + Cg Cf). The N x N buffers
+    # move the switch: on XLA:CPU channel wins forward from N ~ 0.85 C and with the gradient from
+    # N ~ 1.2 C (bench/align.py); on a GPU the buffers cost less.
+    for gradient in (False, True):
+        assert choose_method(4096, 768, 768, gradient=gradient, backend="cpu") == "channel"
+        assert choose_method(1024, 768, 768, gradient=gradient, backend="cpu") == "channel"
+        assert choose_method(576, 768, 768, gradient=gradient, backend="cpu") == "gram"
+        assert choose_method(1024, 3072, 768, gradient=gradient, backend="cpu") == "gram"
+        assert choose_method(1024, 768, 768, gradient=gradient, backend="gpu") == "gram"
+    assert choose_method(1024, 1024, 1024, backend="cpu") == "channel"
+    assert choose_method(1024, 1024, 1024, gradient=True, backend="cpu") == "gram"
+    costs = method_costs(1024, 768, 768, backend="gpu")
+    assert costs["channel"] == 1024 * 3 * 768**2 and costs["gram"] == 1024**2 * (2 * 768 + 2 * 80)
+
+
+def test_auto_evaluates_and_differentiates_with_the_faster_form_of_each():
+    gen, ref = random_pair((2, 64, 160, 160), seed=5)  # on the CPU: channel forward, gram with the gradient
+    assert (choose_method(64, 160, 160), choose_method(64, 160, 160, gradient=True)) == ("channel", "gram")
+    loss = {m: jax.jit(functools.partial(sga_loss, method=m)) for m in METHODS}
+    np.testing.assert_array_equal(loss["auto"](gen, ref), loss["channel"](gen, ref))
+    grads = {m: jax.jit(jax.value_and_grad(functools.partial(sga_loss, method=m))) for m in METHODS}
+    auto_value, auto_grad = grads["auto"](gen, ref)
+    gram_value, gram_grad = grads["gram"](gen, ref)
+    np.testing.assert_array_equal(auto_value, gram_value)
+    np.testing.assert_array_equal(auto_grad, gram_grad)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -112,5 +112,5 @@ def test_bicubic_resize_is_pytorch_interpolate(sizes, antialias):
     (n_in, n_out) = sizes
     table = torch.randn(1, 3, n_in, n_in + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.interpolate(table, size=(n_out, n_out + 2), mode="bicubic", align_corners=False, antialias=antialias)
-    got = nn.resize_bicubic_torch(jnp.asarray(nchw_to_nhwc(table)), (n_out, n_out + 2), antialias=antialias)
+    got = nn.resize_torch(jnp.asarray(nchw_to_nhwc(table)), (n_out, n_out + 2), "bicubic", antialias=antialias)
     assert_close_relative(got, nchw_to_nhwc(want), 1e-6, f"bicubic {sizes} antialias={antialias}")

@@ -37,7 +37,7 @@ def _config(world, cache, **text_overrides):
     config = default_data_config()
     config.path = str(world / "data")
     config.caption_cache = str(cache)
-    text_config = encode.default_text_config()
+    text_config = text.default_text_config()
     text_config.update({**dict(root=str(world / "flux"), t5_length=T5_LENGTH, dtype="float32", batch_size=BATCH,
                                records_per_shard=3), **text_overrides})
     import ml_collections
@@ -47,7 +47,7 @@ def _config(world, cache, **text_overrides):
 
 def _expected(world):
     """What a TextEncoder gives for each caption, batched as the encoder batches (last batch padded)."""
-    te = encode.text_encoder_from_config(_config(world, "unused").text)
+    te = text.text_encoder_from_config(_config(world, "unused").text)
     out = {}
     for start in range(0, len(CAPTIONS), BATCH):
         chunk = CAPTIONS[start:start + BATCH]
@@ -63,7 +63,7 @@ def test_cli_writes_cache_read_back_identical(world, tmp_path):
     config_file.write_text(textwrap.dedent(f"""
         import ml_collections
         from sga_jax.data import default_data_config
-        from sga_jax.encode import default_text_config
+        from sga_jax.text import default_text_config
 
         def get_config():
             data = default_data_config()
@@ -98,7 +98,7 @@ def test_cli_writes_cache_read_back_identical(world, tmp_path):
 def test_interrupted_run_resumes_without_duplicates(world, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     config = _config(world, cache)
-    te = encode.text_encoder_from_config(config.text)
+    te = text.text_encoder_from_config(config.text)
     from sga_jax.data.cache import ArrayCacheWriter
     from sga_jax.data.sources import open_source
 
@@ -136,7 +136,7 @@ def test_mismatched_fingerprint_is_refused(world, tmp_path):
     encode.run(_config(world, cache), progress=False)
     with pytest.raises(ValueError, match="fingerprint"):
         encode.run(_config(world, cache, t5_length=T5_LENGTH + 4), progress=False)
-    other = encode.text_encoder_from_config(_config(world, cache, t5_length=T5_LENGTH + 4).text).fingerprint()
+    other = text.text_encoder_from_config(_config(world, cache, t5_length=T5_LENGTH + 4).text).fingerprint()
     with pytest.raises(ValueError, match="fingerprint"):
         open_cache(cache, other)
 

@@ -71,6 +71,16 @@ def sga_setup(demo_config):
     return task, config, _models(task, config), _batch(task, config)
 
 
+def test_stage_config_sets_splash_attention_for_flux_and_the_prior(demo_config):
+    config = demo_config(**{"model.attention": "splash", "model.splash_block_sizes.block_q": 1024,
+                            "model.prior.attention": "splash"})
+    networks = get_task(config.task, config).networks
+    assert networks.flux.attention == networks.prior.attention == "splash"
+    assert networks.flux.splash_block_sizes == nn.SplashBlockSizes(block_q=1024)
+    with pytest.raises(ValueError, match="SplashBlockSizes.block_kv must be a positive multiple of 128, got 100"):
+        get_task(config.task, demo_config(**{"model.splash_block_sizes.block_kv": 100}))
+
+
 def test_lambda_zero_gives_exactly_the_flow_matching_loss(demo_config, sga_setup):
     task, config, (t_graph, t_state, f_graph, f_state), batch = sga_setup
     zero = demo_config(**{"align.weight": 0.0})
@@ -217,8 +227,8 @@ def test_weights_load_from_public_formats_into_the_run(demo_config, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
     assert_same(state.params["flux"], flux_model)
-    assert_same(frozen["vae"], ae)
-    assert_same(frozen["prior"]["model"], prior)
+    assert_same(frozen.module["vae"], ae)
+    assert_same(frozen.module["prior"]["model"], prior)
 
 
 def test_training_run_exports_flux_that_diffusers_loads(demo_config, tmp_path):

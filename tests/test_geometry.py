@@ -174,7 +174,7 @@ def test_prop3_zero_sets(shape, seed):
 
 
 def test_geometry_cli_writes_report(tmp_path):
-    geometry_main(["--out", str(tmp_path), "--grid", "5", "--channels", "6", "--steps", "20", "--pairs", "4"])
+    assert geometry_main(["--out", str(tmp_path), "--grid", "5", "--channels", "6", "--steps", "20", "--pairs", "4"]) == 0
     report = (tmp_path / "report.md").read_text()
     for heading in ("Proposition 1", "Proposition 2", "Proposition 3", "How far each loss"):
         assert heading in report
@@ -185,7 +185,7 @@ def test_geometry_cli_writes_report(tmp_path):
         assert f"]({name})" in report
 
 
-def test_geometry_cli_rejects_odd_channels(tmp_path):
-    with pytest.raises(SystemExit):
-        geometry_main(["--out", str(tmp_path), "--channels", "7"])
+def test_geometry_cli_rejects_odd_channels(tmp_path, capsys):
+    assert geometry_main(["--out", str(tmp_path), "--channels", "7"]) == 2
+    assert capsys.readouterr().err == "error: need --grid >= 3 and an even --channels >= 6, got 16 and 7\n"
     assert not (tmp_path / "report.md").exists()

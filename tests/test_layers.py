@@ -1,4 +1,4 @@
-"""Shared layers against PyTorch: the attention entry point and rotary embeddings."""
+"""Shared layers against PyTorch: the attention entry point, rotary embeddings and pooling."""
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +101,19 @@ def test_rope_rotation_matches_a_complex_multiplication(interleaved):
     expected = (np.stack([rotated.real, rotated.imag], -1).reshape(x.shape) if interleaved
                 else np.concatenate([rotated.real, rotated.imag], -1))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size,stride,padding", [(3, 2, 0), (3, 1, 1), (2, 2, 0), (3, 2, 1)])
+@pytest.mark.parametrize("kind", ["max", "avg", "avg_exclude_pad"])
+def test_pooling_matches_torch(kind, size, stride, padding):
+    x = np.random.default_rng(2).normal(size=(2, 11, 8, 3)).astype(np.float32)
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    if kind == "max":
+        want = F.max_pool2d(t, size, stride, padding)
+        got = nn.max_pool(jnp.asarray(x), size, stride, padding)
+    else:
+        include = kind == "avg"
+        want = F.avg_pool2d(t, size, stride, padding, count_include_pad=include)
+        got = nn.avg_pool(jnp.asarray(x), size, stride, padding, count_include_pad=include)
+    np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
+

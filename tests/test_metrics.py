@@ -109,10 +109,17 @@ def test_frechet_distance_matches_the_scipy_sqrtm_formula_and_statistics_stream(
 def test_feature_statistics_save_and_load(tmp_path):
     stats = metrics.FeatureStatistics(3)
     stats.update(np.arange(12.0).reshape(4, 3))
-    stats.save(tmp_path / "ref.npz")
-    loaded = metrics.FeatureStatistics.load(tmp_path / "ref.npz")
+    other = metrics.FeatureStatistics(5)
+    other.update(np.ones((2, 5)))
+    metrics.save_statistics(tmp_path / "ref.npz", {"inception": stats, "dinov2": other})
+    loaded = metrics.load_statistics(tmp_path / "ref.npz", "inception", 3)
     assert loaded.count == 4
     np.testing.assert_array_equal(loaded.covariance, stats.covariance)
+    assert metrics.load_statistics(tmp_path / "ref.npz", "dinov2", 5).count == 2
+    with pytest.raises(ValueError, match=r"ref.npz holds statistics for \['dinov2', 'inception'\], not 'clip'"):
+        metrics.load_statistics(tmp_path / "ref.npz", "clip", 3)
+    with pytest.raises(ValueError, match="the dinov2 statistics are 5-d, the network gives 7"):
+        metrics.load_statistics(tmp_path / "ref.npz", "dinov2", 7)
 
 
 def test_dinov2_features_are_transformers_cls_tokens(tmp_path):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from sga_jax.errors import ConfigError
 from sga_jax import plan as plan_lib
 from sga_jax.plan import levers, targets
 from sga_jax.plan.flops import jaxpr_cost
@@ -186,7 +187,7 @@ def test_overrides_apply_and_print_as_flags(demo):
     assert config.model.flux.remat == "none"  # the original is untouched
     assert levers.as_flags(overrides) == ("--config.model.flux.remat=full --config.optimizer.grad_accum_steps=2 "
                                           """'--config.sharding_rules.batch=("fsdp","data")'""")
-    with pytest.raises(KeyError, match="model.flux.nope"):
+    with pytest.raises(ConfigError, match="model.flux.nope"):
         levers.with_overrides(config, {"model.flux.nope": 1})
 
 

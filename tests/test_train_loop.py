@@ -73,6 +73,31 @@ def test_metrics_jsonl_tensorboard_and_hooks(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 6]
 
 
+def test_compilation_is_its_own_phase_per_batch_shape(tmp_path, capsys, monkeypatch):
+    """The step compiles for the first batch and again for a new batch shape (as a new bucket):
+    each such step records compile_s apart from its step_time_s, and the bar shows the phase."""
+    from sga_jax.train import toy as toy_task
+
+    class Shrinking(toy_task.ToyBatches):
+        """16 rows per batch, then 8 from the fourth batch on."""
+
+        def __next__(self):
+            self.batch_size = 16 if self.index < 3 else 8
+            return super().__next__()
+
+    monkeypatch.setattr(toy_task.ToyTask, "batches", lambda self, config, mesh, *, seed: Shrinking(config, mesh, seed=seed))
+    config = toy.get_config("sharded")
+    config.total_steps, config.checkpoint_every, config.log_every = 6, 0, 1
+    config.sample_every = config.eval_every = 0
+    loop.train(config, tmp_path)
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert [step for step, r in records.items() if "compile_s" in r] == [1, 4]  # the first step, then the new shape
+    for step in (1, 4):
+        assert records[step]["compile_s"] > 10 * records[step]["step_time_s"]  # the step's own time leaves it out
+    bar = capsys.readouterr().err
+    assert "compiling:" in bar and f"compile_s={records[1]['compile_s'] + records[4]['compile_s']:.1f}" in bar
+
+
 def test_consecutive_nans_stop_with_a_clear_message(tmp_path):
     config = toy.get_config("sharded")
     config.toy.nan_batches = (1, 2, 3)

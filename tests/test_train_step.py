@@ -140,7 +140,7 @@ def test_frozen_module_gets_no_gradients_and_no_optimizer_state(engines):
     assert jax.tree.structure(adam.mu) == params_structure
     assert jax.tree.structure(adam.nu) == params_structure
     assert set(engine.state.params) == {"inp", "blocks", "out"}
-    assert set(engine.frozen) == {"up", "down"}
+    assert set(engine.frozen.module) == {"up", "down"} and engine.frozen.trainable == {}
     n_param = len(jax.tree.leaves(engine.state.params))
     assert len(jax.tree.leaves(engine.state.opt_state)) == 2 * n_param + 2  # mu, nu, two counts
 
@@ -218,15 +218,15 @@ class LoadedTeacherTask(ToyTask):
 def test_task_by_dotted_path_with_load_frozen():
     engine = Engine(toy_config(task="test_train_step:LoadedTeacherTask"))
     assert isinstance(engine.run.task, LoadedTeacherTask)
-    kernel = engine.frozen["up"]["kernel"]
-    assert kernel.sharding.is_equivalent_to(engine.run.setup.frozen_shardings["up"]["kernel"], 2)
+    kernel = engine.frozen.module["up"]["kernel"]
+    assert kernel.sharding.is_equivalent_to(engine.run.setup.frozen_shardings.module["up"]["kernel"], 2)
     np.testing.assert_array_equal(np.asarray(kernel), 0.5)
     for tree in (engine.state.params, engine.state.ema):
         np.testing.assert_array_equal(np.asarray(tree["out"]["kernel"]), 0.25)
         assert tree["out"]["kernel"].sharding.spec == P("fsdp")
     assert np.asarray(engine.state.params["inp"]["kernel"]).std() > 0.1  # still the random init
     engine.step()
-    np.testing.assert_array_equal(np.asarray(engine.frozen["up"]["kernel"]), 0.5)
+    np.testing.assert_array_equal(np.asarray(engine.frozen.module["up"]["kernel"]), 0.5)
 
 
 class WrongShapeTask(ToyTask):

@@ -13,7 +13,7 @@ from sga_jax.align.pool import (
     tokens_to_grid,
 )
 from sga_jax.align.projector import IREPAHead, REPAHead, SGAHead
-from sga_jax.align.sga import choose_method, normalize_rows, sga_loss, spatial_gram
+from sga_jax.align.sga import choose_method, method_costs, normalize_rows, sga_loss, spatial_gram
 
 __all__ = [
     "IREPAHead",
@@ -21,6 +21,7 @@ __all__ = [
     "SGAHead",
     "adaptive_avg_pool",
     "choose_method",
+    "method_costs",
     "grid_for_long_edge",
     "grid_to_tokens",
     "irepa_loss",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,7 @@ def adaptive_avg_pool(x: jax.Array, out_grid: Sequence[int]) -> jax.Array:
         return x
     xf = x.astype(jnp.float32)
     if h % out_h == 0 and w % out_w == 0:
-        pooled = xf.reshape(*lead, out_h, h // out_h, out_w, w // out_w, c).mean(axis=(-4, -2))
+        pooled = einops.reduce(xf, "... (oh bh) (ow bw) c -> ... oh ow c", "mean", oh=out_h, ow=out_w)
     else:
         rows = jnp.asarray(pooling_matrix(h, out_h))
         cols = jnp.asarray(pooling_matrix(w, out_w))
@@ -63,14 +64,14 @@ def tokens_to_grid(x: jax.Array, grid: Sequence[int]) -> jax.Array:
     h, w = _as_grid("grid", grid)
     if x.ndim != 3 or x.shape[1] != h * w:
         raise ValueError(f"tokens of shape {tuple(x.shape)} do not fill a {h}x{w} grid (need (B, {h * w}, C))")
-    return x.reshape(x.shape[0], h, w, x.shape[2])
+    return einops.rearrange(x, "b (h w) c -> b h w c", h=h, w=w)
 
 
 def grid_to_tokens(x: jax.Array) -> jax.Array:
     """(B, h, w, C) -> (B, h * w, C), row-major."""
     if x.ndim != 4:
         raise ValueError(f"grid_to_tokens expects (B, h, w, C), got shape {tuple(x.shape)}")
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[3])
+    return einops.rearrange(x, "b h w c -> b (h w) c")
 
 
 def pool_tokens(x: jax.Array, grid: Sequence[int], out_grid: Sequence[int]) -> jax.Array:

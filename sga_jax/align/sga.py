@@ -26,9 +26,14 @@ gen alone costs 3 N^2 C (gram) or 5 N C^2 (channel) multiply-adds in all; the gr
 input that is not differentiated (a frozen prior) is never built. Forward mode and higher
 derivatives work as usual.
 
-"auto" picks the one with fewer multiply-adds from the static shapes (channel whenever N exceeds
-about 1.5 C). Inputs of any float dtype are cast to float32 first, so a bf16 forward still gives a
-float32 loss.
+"auto" picks, from the static shapes and the backend, the one the cost model of `method_costs`
+says is faster: multiply-adds plus the cost of the N x N buffers the gram form materialises
+(a per-backend constant; on XLA:CPU measured, see `BACKEND_COSTS`). The choice is made separately
+for the forward pass and for forward + gradient (they differ near the crossover: the gradient
+costs the channel form more), so an "auto" loss evaluates with the form that is faster
+forward and differentiates with the form that is faster with its gradient, both exact; it
+compiles once per shape. Inputs of any float dtype are cast to float32 first, so a bf16 forward
+still gives a float32 loss.
 
 Zero rows: normalisation is x * rsqrt(max(|x|^2, eps^2)), so a row with norm below `eps` is
 divided by `eps` instead of its norm. An all-zero row stays exactly zero, contributes a zero row
@@ -39,6 +44,8 @@ feature row, so it changes nothing else.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Literal
 
 import jax
@@ -116,18 +123,17 @@ def _channel_products(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array,
     return _dot("bnc,bnd->bcd", x, x), _dot("bnc,bnd->bcd", y, y), _dot("bnc,bnd->bcd", x, y)
 
 
-def _channel_value(xx: jax.Array, yy: jax.Array, xy: jax.Array) -> jax.Array:
+def _channel_terms(xx: jax.Array, yy: jax.Array, xy: jax.Array) -> jax.Array:
     return jnp.sum(xx * xx, axis=(1, 2)) + jnp.sum(yy * yy, axis=(1, 2)) - 2.0 * jnp.sum(xy * xy, axis=(1, 2))
 
 
-@jax.custom_jvp
-def _gram_sq_dist(x: jax.Array, y: jax.Array) -> jax.Array:
+def _gram_value(x: jax.Array, y: jax.Array) -> jax.Array:
     """Per-sample ||X X^T - Y Y^T||_F^2 through the (N, N) Gram matrices."""
     diff = _gram_diff(x, y)
     return jnp.sum(diff * diff, axis=(1, 2))
 
 
-def _gram_sq_dist_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]):
+def _gram_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]):
     x, y = primals
     diff = _gram_diff(x, y)
     return _jvp_from_gradients(
@@ -137,17 +143,16 @@ def _gram_sq_dist_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any,
     )
 
 
-@jax.custom_jvp
-def _channel_sq_dist(x: jax.Array, y: jax.Array) -> jax.Array:
+def _channel_value(x: jax.Array, y: jax.Array) -> jax.Array:
     """Per-sample ||X^T X||^2 + ||Y^T Y||^2 - 2 ||X^T Y||^2 through (C, C) products only."""
-    return _channel_value(*_channel_products(x, y))
+    return _channel_terms(*_channel_products(x, y))
 
 
-def _channel_sq_dist_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]):
+def _channel_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]):
     x, y = primals
     xx, yy, xy = _channel_products(x, y)
     return _jvp_from_gradients(
-        _channel_value(xx, yy, xy),
+        _channel_terms(xx, yy, xy),
         (
             lambda: 4.0 * (_dot("bnc,bcd->bnd", x, xx) - _dot("bne,bce->bnc", y, xy)),
             lambda: 4.0 * (_dot("bne,bef->bnf", y, yy) - _dot("bnc,bce->bne", x, xy)),
@@ -156,19 +161,67 @@ def _channel_sq_dist_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[A
     )
 
 
-_gram_sq_dist.defjvp(_gram_sq_dist_jvp, symbolic_zeros=True)
-_channel_sq_dist.defjvp(_channel_sq_dist_jvp, symbolic_zeros=True)
+_VALUES = {"gram": _gram_value, "channel": _channel_value}
+_JVPS = {"gram": _gram_jvp, "channel": _channel_jvp}
 
 
-def choose_method(n: int, c_gen: int, c_ref: int) -> Literal["gram", "channel"]:
-    """The cheaper exact method for N tokens and widths (c_gen, c_ref), by forward multiply-adds.
+@functools.cache
+def _sq_dist(forward: str, gradient: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Per-sample ||X X^T - Y Y^T||_F^2 computed by the `forward` form, differentiated (forward
+    and reverse mode) by the `gradient` form's JVP rule."""
+    fn = jax.custom_jvp(_VALUES[forward])
+    fn.defjvp(_JVPS[gradient], symbolic_zeros=True)
+    return fn
 
-    gram: N^2 (c_gen + c_ref); channel: N (c_gen^2 + c_ref^2 + c_gen c_ref). Ties go to gram, which
-    has no cancellation.
+
+@dataclasses.dataclass(frozen=True)
+class BufferCost:
+    """What one element of an N x N buffer of the gram form costs, in multiply-adds, on a backend:
+    for the forward pass (two Gram matrices) and for forward + gradient (the two and their
+    difference D)."""
+
+    forward: float
+    gradient: float
+
+
+BACKEND_COSTS: dict[str, BufferCost] = {
+    # XLA:CPU, measured (bench/align.py, 2-core Xeon): the N x N-output products and the passes over
+    # them cost far more than their multiply-adds. Fitted to where the faster form changes:
+    # forward between N = 0.75 C and N = C, forward + gradient between N = C and N = 1.33 C.
+    "cpu": BufferCost(forward=640.0, gradient=400.0),
+    # Not measured here: one element written and read once over HBM, at the peak fp32 FMA rate and
+    # bandwidth (H100: 33.5 T MAC/s over 0.84 T floats/s; TPU v5e: 6-pass fp32 matmuls, 16 T MAC/s
+    # over 0.2 T floats/s).
+    "gpu": BufferCost(forward=80.0, gradient=80.0),
+    "tpu": BufferCost(forward=160.0, gradient=160.0),
+}
+
+
+def method_costs(n: int, c_gen: int, c_ref: int, *, gradient: bool = False,
+                 backend: str | None = None) -> dict[str, float]:
+    """Modelled cost of each exact method, in multiply-adds, for N tokens and widths (c_gen, c_ref).
+
+    Forward: gram N^2 (c_gen + c_ref) + 2 N^2 t, channel N (c_gen^2 + c_ref^2 + c_gen c_ref).
+    With the gradient with respect to gen: gram N^2 (2 c_gen + c_ref) + 3 N^2 t, channel
+    N (2 c_gen^2 + c_ref^2 + 2 c_gen c_ref). t is `BACKEND_COSTS[backend]` (default: the default
+    backend's; unknown backends are costed as GPUs); the channel form's C x C buffers are small
+    against its multiply-adds and are left out.
     """
-    gram_cost = n * n * (c_gen + c_ref)
-    channel_cost = n * (c_gen * c_gen + c_ref * c_ref + c_gen * c_ref)
-    return "channel" if channel_cost < gram_cost else "gram"
+    buffer = BACKEND_COSTS.get(backend or jax.default_backend(), BACKEND_COSTS["gpu"])
+    if gradient:
+        gram = n * n * (2 * c_gen + c_ref) + 3 * n * n * buffer.gradient
+        channel = n * (2 * c_gen * c_gen + c_ref * c_ref + 2 * c_gen * c_ref)
+    else:
+        gram = n * n * (c_gen + c_ref) + 2 * n * n * buffer.forward
+        channel = n * (c_gen * c_gen + c_ref * c_ref + c_gen * c_ref)
+    return {"gram": float(gram), "channel": float(channel)}
+
+
+def choose_method(n: int, c_gen: int, c_ref: int, *, gradient: bool = False,
+                  backend: str | None = None) -> Literal["gram", "channel"]:
+    """The faster exact method by `method_costs`; ties go to gram, which has no cancellation."""
+    costs = method_costs(n, c_gen, c_ref, gradient=gradient, backend=backend)
+    return "channel" if costs["channel"] < costs["gram"] else "gram"
 
 
 def sga_loss(gen: jax.Array, ref: jax.Array, *, method: Method = "auto", eps: float = NORM_EPS) -> jax.Array:
@@ -178,7 +231,8 @@ def sga_loss(gen: jax.Array, ref: jax.Array, *, method: Method = "auto", eps: fl
       gen: (B, N, C_gen) projected generative tokens.
       ref: (B, N, C_ref) foundation-prior tokens on the same N-token grid (widths may differ).
       method: "gram" (N x N matrices), "channel" (C x C identity, no N x N buffer) or "auto"
-        (the cheaper of the two for these static shapes). All give the same value.
+        (the faster of the two for these static shapes on this backend, chosen apart for the
+        forward pass and for the gradient). All give the same value.
       eps: rows with L2 norm below eps are scaled by 1/eps instead (zero rows stay zero).
     Returns:
       A float32 scalar, whatever the input dtypes.
@@ -190,8 +244,10 @@ def sga_loss(gen: jax.Array, ref: jax.Array, *, method: Method = "auto", eps: fl
         raise ValueError(f"unknown SGA method {method!r}; expected one of {METHODS}")
     n = gen.shape[1]
     if method == "auto":
-        method = choose_method(n, gen.shape[-1], ref.shape[-1])
+        widths = (n, gen.shape[-1], ref.shape[-1])
+        sq_dist = _sq_dist(choose_method(*widths), choose_method(*widths, gradient=True))
+    else:
+        sq_dist = _sq_dist(method, method)
     x = normalize_rows(gen, eps)
     y = normalize_rows(ref, eps)
-    sq_dist = _gram_sq_dist(x, y) if method == "gram" else _channel_sq_dist(x, y)
-    return jnp.mean(sq_dist) / float(n * n)
+    return jnp.mean(sq_dist(x, y)) / float(n * n)

@@ -12,6 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from sga_jax.errors import ConfigError
+
+
 Bucket = tuple[int, int]  # (width, height) in pixels
 
 
@@ -21,11 +24,11 @@ def make_buckets(max_long_edge: int, pixel_budget: int, multiple: int, *, max_as
     largest width for its height), sorted by aspect ratio w/h.
     """
     if multiple < 1 or max_long_edge < multiple:
-        raise ValueError(f"need 1 <= multiple <= max_long_edge, got multiple={multiple}, max_long_edge={max_long_edge}")
+        raise ConfigError(f"need 1 <= multiple <= max_long_edge, got multiple={multiple}, max_long_edge={max_long_edge}")
     if pixel_budget < multiple * multiple:
-        raise ValueError(f"pixel_budget {pixel_budget} is below one {multiple}x{multiple} tile")
+        raise ConfigError(f"pixel_budget {pixel_budget} is below one {multiple}x{multiple} tile")
     if max_aspect < 1:
-        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        raise ConfigError(f"max_aspect must be >= 1, got {max_aspect}")
     longest = max_long_edge // multiple * multiple
     sizes: set[Bucket] = set()
     for w in range(multiple, longest + 1, multiple):
@@ -41,7 +44,7 @@ def make_buckets(max_long_edge: int, pixel_budget: int, multiple: int, *, max_as
             best[ratio] = (w, h)
     buckets = sorted(best.values(), key=lambda b: b[0] / b[1])
     if not buckets:
-        raise ValueError(
+        raise ConfigError(
             f"no bucket fits max_long_edge={max_long_edge}, pixel_budget={pixel_budget}, "
             f"multiple={multiple}, max_aspect={max_aspect}"
         )

@@ -26,6 +26,9 @@ import numpy as np
 from array_record.python import array_record_module
 from grain.sources import ArrayRecordDataSource
 
+from sga_jax.errors import ConfigError
+
+
 _MAGIC = b"SGAC"
 _FORMAT = 1
 _ALIGN = 64
@@ -226,9 +229,9 @@ class ArrayCacheSource:
         self.directory = Path(directory)
         meta = _read_meta(self.directory)
         if meta is None:
-            raise ValueError(f"{self.directory} is not an array cache (no {_META})")
+            raise ConfigError(f"{self.directory} is not an array cache (no {_META})")
         if fingerprint is not None and meta["fingerprint"] != fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 f"cache {self.directory} has fingerprint {meta['fingerprint']!r}, expected {fingerprint!r}"
             )
         self.fingerprint: str = meta["fingerprint"]

@@ -40,6 +40,7 @@ from sga_jax.data.buckets import Bucket, bucket_name, make_buckets, nearest_buck
 from sga_jax.data.cache import ArrayCacheSource, open_cache
 from sga_jax.data.sources import open_source
 from sga_jax.data.transforms import BadRecord, load_image, open_image, probe, to_rgb
+from sga_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def buckets_from_config(config: Any) -> list[Bucket]:
         try:
             width, height = (int(v) for v in spec.fixed.lower().split("x"))
         except ValueError as error:
-            raise ValueError(f"data.buckets.fixed must look like '1024x768', got {spec.fixed!r}") from error
+            raise ConfigError(f"data.buckets.fixed must look like '1024x768', got {spec.fixed!r}") from error
         return [(width, height)]
     return make_buckets(spec.max_long_edge, spec.pixel_budget, spec.multiple, max_aspect=spec.max_aspect)
 
@@ -225,9 +226,9 @@ class BatchPlan:
     def __init__(self, record_bucket: np.ndarray, *, global_batch_size: int, process_index: int,
                  process_count: int, seed: int, shuffle: bool, remainder: str, num_epochs: int | None):
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+            raise ConfigError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
         if remainder not in ("pad", "drop"):
-            raise ValueError(f"data.remainder must be 'pad' or 'drop', got {remainder!r}")
+            raise ConfigError(f"data.remainder must be 'pad' or 'drop', got {remainder!r}")
         self.record_bucket = np.asarray(record_bucket, np.int32)
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
@@ -414,9 +415,9 @@ class Pipeline:
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continue from a `get_state()` taken on a pipeline of the same data, seed and batch size."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {_STATE_VERSION}")
+            raise ConfigError(f"data iterator state version {state.get('version')!r}, expected {_STATE_VERSION}")
         if dict(state["plan"]) != self._fingerprint():
-            raise ValueError(
+            raise ConfigError(
                 f"data iterator state was saved for {dict(state['plan'])}, this pipeline is {self._fingerprint()}: "
                 "the dataset, seed or batch size changed"
             )
@@ -448,13 +449,13 @@ def make_pipeline(config: ml_collections.ConfigDict, *, seed: int, process_index
     where = config.path or f"tfds:{config.tfds.name}/{config.tfds.split}"
     if index.readable == 0:
         reasons = "; ".join(f"{e['path']}: {e['reason']}" for e in index.skipped[:5])
-        raise ValueError(
+        raise ConfigError(
             f"no readable records in {where} ({index.listed} listed). First problems: {reasons or 'none listed'}")
     plan = BatchPlan(index.record_bucket, global_batch_size=config.global_batch_size, process_index=process_index,
                      process_count=process_count, seed=seed, shuffle=config.shuffle, remainder=config.remainder,
                      num_epochs=config.num_epochs)
     if plan.batches_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: no bucket holds global_batch_size={config.global_batch_size} images and remainder='drop' "
             f"(buckets: {index.histogram()}); use remainder='pad' or a smaller batch"
         )

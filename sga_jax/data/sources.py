@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sga_jax.data.cache import ArrayCacheSource, open_cache
+from sga_jax.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jxl", ".avif")
 
@@ -57,7 +58,7 @@ class MetadataJsonlSource(_FolderListing):
         self.directory = Path(directory)
         metadata = self.directory / "metadata.jsonl"
         if not metadata.is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"{self.directory} has no metadata.jsonl (expected lines of {{\"file_name\", \"{caption_field}\"}})")
         self.records: list[dict[str, Any]] = []
         self.listing_errors: list[dict[str, str]] = []
@@ -94,7 +95,7 @@ class CaptionsTxtSource(_FolderListing):
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise ValueError(f"{self.directory} is not a directory")
+            raise ConfigError(f"{self.directory} is not a directory")
         self.records: list[dict[str, Any]] = []
         self.listing_errors: list[dict[str, str]] = []
         for path in sorted(self.directory.rglob("*")):
@@ -127,7 +128,7 @@ class TfdsSource:
         features = self._source.dataset_info.features
         for feature in (image_feature, caption_feature):
             if feature not in features:
-                raise ValueError(f"tfds dataset {name} has no feature {feature!r}; it has {sorted(features.keys())}")
+                raise ConfigError(f"tfds dataset {name} has no feature {feature!r}; it has {sorted(features.keys())}")
         self.listing_errors: list[dict[str, str]] = []
 
     def __len__(self) -> int:
@@ -162,19 +163,19 @@ def open_source(config: Any) -> MetadataJsonlSource | CaptionsTxtSource | TfdsSo
         return CaptionsTxtSource(config.path)
     if kind == "tfds":
         if not config.tfds.name:
-            raise ValueError("data.source='tfds' needs data.tfds.name")
+            raise ConfigError("data.source='tfds' needs data.tfds.name")
         return TfdsSource(config.tfds.name, config.tfds.split, config.tfds.data_dir or None,
                           image_feature=config.tfds.image_feature, caption_feature=config.tfds.caption_feature)
     if kind == "cache":
         return open_cache(config.path)
-    raise ValueError(f"unknown data.source {kind!r}; expected metadata_jsonl, captions_txt, tfds, cache or auto")
+    raise ConfigError(f"unknown data.source {kind!r}; expected metadata_jsonl, captions_txt, tfds, cache or auto")
 
 
 def detect_source_kind(path: str | os.PathLike) -> str:
     """"cache", "metadata_jsonl" or "captions_txt" for a dataset directory."""
     directory = Path(path)
     if not directory.is_dir():
-        raise ValueError(f"dataset path {directory} is not a directory")
+        raise ConfigError(f"dataset path {directory} is not a directory")
     if (directory / "cache.json").is_file():
         return "cache"
     if (directory / "metadata.jsonl").is_file():
@@ -200,7 +201,7 @@ def skimage_sample_dataset(directory: str | os.PathLike, captions: Mapping[str, 
     for name, caption in captions.items():
         if name not in SKIMAGE_SAMPLES or name not in files:
             available = sorted(set(SKIMAGE_SAMPLES) & set(files))
-            raise ValueError(f"no bundled scikit-image sample {name!r}; available: {available}")
+            raise ConfigError(f"no bundled scikit-image sample {name!r}; available: {available}")
         target = out / files[name].name
         shutil.copyfile(files[name], target)
         lines.append(json.dumps({"file_name": target.name, "text": caption}))

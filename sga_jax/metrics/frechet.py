@@ -1,10 +1,11 @@
 """Fréchet distance between two sets of image features, from streaming statistics.
 
-`FeatureStatistics` accumulates a set's mean and covariance in float64 batch by batch (and saves
-them, so a reference set is encoded once); `frechet_distance` is Heusel et al.'s
-`||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`, with the trace of the matrix square
-root taken from the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2). With Inception features this
-is FID; `dinov2_features` gives FD-DINOv2 (Stein et al. 2023: DINOv2's CLS token at 224 px).
+`FeatureStatistics` accumulates a set's mean and covariance in float64 batch by batch;
+`save_statistics` / `load_statistics` keep them in an .npz, so a reference set is encoded once.
+`frechet_distance` is Heusel et al.'s `||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`,
+with the trace of the matrix square root taken from the eigenvalues of the symmetric U^T S2 U for
+a factor S1 = U U^T (pivoted Cholesky: the eigenvalues of S1 S2 without S1's eigenvectors, and only
+as many as S1's rank). With Inception features this is FID; `dinov2_features` gives FD-DINOv2 (Stein et al. 2023: DINOv2's CLS token at 224 px).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from flax import nnx
 
+from sga_jax.errors import CheckpointError, ConfigError
 from sga_jax.models import dinov2
 
 DINOV2_SIZE = 224
@@ -49,21 +52,48 @@ class FeatureStatistics:
     def covariance(self) -> np.ndarray:
         """The unbiased covariance (D, D) (as `np.cov`), which needs at least two samples."""
         if self.count < 2:
-            raise ValueError(f"FeatureStatistics: a covariance needs at least 2 samples, have {self.count}")
+            raise ConfigError(f"FeatureStatistics: a covariance needs at least 2 samples, have {self.count}")
         mean = self.mean
         return (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write count, sum and outer products to an .npz file."""
-        np.savez(path, count=np.asarray(self.count), total=self.total, outer=self.outer)
+    def frechet_distance(self, other: "FeatureStatistics") -> float:
+        """The Fréchet distance between this set's Gaussian and `other`'s (FID with Inception features)."""
+        return frechet_distance(self.mean, self.covariance, other.mean, other.covariance)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureStatistics":
-        """Read what `save` wrote (plain arrays; pickles are refused)."""
-        with np.load(path, allow_pickle=False) as data:
-            stats = cls(data["total"].shape[0])
-            stats.count, stats.total, stats.outer = int(data["count"]), data["total"], data["outer"]
-        return stats
+
+def save_statistics(path: str | os.PathLike, statistics: dict[str, FeatureStatistics]) -> None:
+    """Write named feature statistics (e.g. "inception", "dinov2") to one .npz file."""
+    arrays = {}
+    for name, stats in statistics.items():
+        arrays.update({f"{name}.count": np.asarray(stats.count), f"{name}.total": stats.total,
+                       f"{name}.outer": stats.outer})
+    np.savez(path, **arrays)
+
+
+def load_statistics(path: str | os.PathLike, name: str, dim: int) -> FeatureStatistics:
+    """The statistics `name` from a `save_statistics` file (plain arrays; pickles are refused),
+    checked against the feature width `dim`."""
+    with np.load(path, allow_pickle=False) as data:
+        names = sorted({key.split(".")[0] for key in data.files})
+        if name not in names:
+            raise CheckpointError(f"{path} holds statistics for {names}, not {name!r} "
+                             f"(write them with --save_stats and the {name} network)")
+        total = data[f"{name}.total"]
+        if total.shape != (dim,):
+            raise CheckpointError(f"{path}: the {name} statistics are {total.shape[0]}-d, the network gives {dim}")
+        stats = FeatureStatistics(dim)
+        stats.count, stats.total, stats.outer = int(data[f"{name}.count"]), total, data[f"{name}.outer"]
+    return stats
+
+
+def _factor(cov: np.ndarray) -> np.ndarray:
+    """U (D, r) with U U^T = cov for a positive semi-definite cov of numerical rank r: LAPACK's
+    pivoted Cholesky (dpstrf), which stops at the rank, so a covariance of few samples is cheap."""
+    factor, pivots, rank, _ = scipy.linalg.lapack.dpstrf(cov, lower=1)
+    lower = np.tril(factor)[:, :rank]
+    out = np.empty_like(lower)
+    out[pivots - 1] = lower
+    return out
 
 
 def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov2: np.ndarray) -> float:
@@ -72,9 +102,8 @@ def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
     if mean1.shape != mean2.shape or cov1.shape != cov2.shape or cov1.shape != (mean1.shape[0],) * 2:
         raise ValueError(f"mismatched statistics: means {mean1.shape}, {mean2.shape}; covariances {cov1.shape}, {cov2.shape}")
-    values, vectors = np.linalg.eigh(cov1)
-    root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-    middle = root1 @ cov2 @ root1
+    root = _factor(cov1)
+    middle = root.T @ cov2 @ root
     trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
     diff = mean1 - mean2
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * trace_root)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 
 
@@ -17,7 +18,7 @@ def square_size(hf: dict[str, Any], name: str, default: int) -> int:
     value = hf.get(name, default)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ValueError(f"config.json: non-square {name} {list(value)} is not supported")
+            raise ConfigError(f"config.json: non-square {name} {list(value)} is not supported")
         value = value[0]
     return int(value)
 

@@ -32,27 +32,41 @@ import threading
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/X.py[:arg]).",
-                                          lock_config=True)
-_TARGET = flags.DEFINE_string("target", "cpu", "h100x8, h200x8, h100x16, v5p-16, v5e-8, v6e-8, v4-8, 2xv5e-8, "
-                              "cpu (simulated devices: a weak proxy), local (this machine's devices), ...")
-_BUCKET = flags.DEFINE_multi_string("bucket", [], "Bucket WIDTHxHEIGHT to plan (repeatable); default: the config's "
-                                    "bucket with the most pixels.")
-_ALL = flags.DEFINE_bool("all_buckets", False, "Plan every bucket of the config's data section.")
-_JSON = flags.DEFINE_bool("json", False, "Print the plan as JSON on stdout (progress stays on stderr).")
-_MEM_FRACTION = flags.DEFINE_float("mem_fraction", float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
-                                   "GPU targets: the share of device memory JAX may take "
-                                   "(default: $XLA_PYTHON_CLIENT_MEM_FRACTION, else JAX's 0.75).")
-_MEMORY = flags.DEFINE_float("memory_gib", None, "Judge against this many GiB per device instead of the target's.")
-_SUGGEST = flags.DEFINE_bool("suggest", True, "Search remat / accumulation / FSDP / attention when a bucket does "
-                             "not fit.")
-_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "At most this many extra compiles per bucket when searching.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Simulated devices of the cpu target.")
-_WARM = flags.DEFINE_bool("warm_cache", False, "Compile every bucket on this machine into the run's compilation cache.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's work directory (for --warm_cache).")
+from sga_jax import cli
+from sga_jax.errors import ConfigError, UsageError
+
+CPU_DEVICES = 8  # simulated devices of the cpu target unless --cpu_devices says otherwise
+
+
+def define_flags() -> flags.FlagValues:
+    """The command's flags (defined afresh for every run)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/X.py[:arg]).", lock_config=True,
+                                    flag_values=fv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+    flags.DEFINE_string("target", "cpu", "h100x8, h200x8, h100x16, v5p-16, v5e-8, v6e-8, v4-8, 2xv5e-8, "
+                        "cpu (simulated devices: a weak proxy), local (this machine's devices), ...", flag_values=fv)
+    flags.DEFINE_multi_string("bucket", [], "Bucket WIDTHxHEIGHT to plan (repeatable); default: the config's "
+                              "bucket with the most pixels.", flag_values=fv)
+    flags.DEFINE_bool("all_buckets", False, "Plan every bucket of the config's data section.", flag_values=fv)
+    flags.DEFINE_bool("json", False, "Print the plan as JSON on stdout (progress stays on stderr).", flag_values=fv)
+    flags.DEFINE_float("mem_fraction", float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75)),
+                       "GPU targets: the share of device memory JAX may take "
+                       "(default: $XLA_PYTHON_CLIENT_MEM_FRACTION, else JAX's 0.75).", flag_values=fv)
+    flags.DEFINE_float("memory_gib", None, "Judge against this many GiB per device instead of the target's.",
+                       flag_values=fv)
+    flags.DEFINE_bool("suggest", True, "Search remat / accumulation / FSDP / attention when a bucket does not fit.",
+                      flag_values=fv)
+    flags.DEFINE_integer("max_compiles", 6, "At most this many extra compiles per bucket when searching.",
+                         flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", CPU_DEVICES, "Simulated devices of the cpu target.", flag_values=fv)
+    flags.DEFINE_bool("warm_cache", False, "Compile every bucket on this machine into the run's compilation cache.",
+                      flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The run's work directory (for --warm_cache).", flag_values=fv)
+    return fv
 
 
 class Progress:
@@ -79,11 +93,6 @@ class Progress:
                 self._print(f"... still at: {self.message} ({time.perf_counter() - self.since:.0f} s)")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def _flag_in(argv: Sequence[str], name: str) -> str | None:
     """The value of --name=V / --name V in `argv` ("" for a bare boolean --name), else None."""
     for i, arg in enumerate(argv):
@@ -106,56 +115,48 @@ def _select_backend(argv: Sequence[str]) -> None:
         return
     jax.config.update("jax_platforms", "cpu")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", int(_flag_in(argv, "cpu_devices") or _CPU_DEVICES.default))
+        jax.config.update("jax_num_cpu_devices", int(_flag_in(argv, "cpu_devices") or CPU_DEVICES))
 
 
-def _main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required")
-    if _WARM.value and not _WORKDIR.value:
-        raise app.UsageError("--warm_cache needs --workdir (the cache lives in the run's work directory)")
-    target_name = "local" if _WARM.value else _TARGET.value
-    if _WARM.value and _TARGET.value not in ("cpu", "local"):
-        _fail(f"--warm_cache compiles for this machine's devices (the cache holds executables for them); "
-              f"drop --target={_TARGET.value} and run it where the training runs")
+def _main(fv: flags.FlagValues, args: list[str]) -> int:
+    config = fv.config
+    if fv.warm_cache and not fv.workdir:
+        raise UsageError("--warm_cache needs --workdir (the cache lives in the run's work directory)")
+    if fv.warm_cache and fv.target not in ("cpu", "local"):
+        raise UsageError(f"--warm_cache compiles for this machine's devices (the cache holds executables for "
+                         f"them); drop --target={fv.target} and run it where the training runs")
     from sga_jax import parallel
     from sga_jax.plan import planner, report, targets
     from sga_jax.train import compile_cache
 
-    if _WARM.value:
+    cli.log_to_stderr()
+    if fv.warm_cache:
         parallel.initialize_distributed()  # a multi-host run's step compiles on all of its processes
-
     progress = Progress()
-    memory = None if _MEMORY.value is None else int(_MEMORY.value * 2**30)
-    try:
-        target = targets.get_target(target_name)
-        buckets = planner.choose_buckets(config, _BUCKET.value, _ALL.value or _WARM.value)
-        cache = compile_cache.cache_directory(config, _WORKDIR.value) if _WARM.value else None
-        if _WARM.value and cache is None:
-            _fail("config.compilation_cache.enabled is False: there is no cache to warm")
-        with compile_cache.persistent_cache(cache) if _WARM.value else contextlib.nullcontext():
-            result = planner.plan(config, target, buckets, mem_fraction=_MEM_FRACTION.value, memory_bytes=memory,
-                                  suggest=_SUGGEST.value and not _WARM.value, max_compiles=_MAX_COMPILES.value,
-                                  progress=progress)
-    except (ValueError, KeyError, targets.BackendMissing) as error:
-        _fail(str(error).strip("'\""))
-    if _JSON.value:
+    memory = None if fv.memory_gib is None else int(fv.memory_gib * 2**30)
+    target = targets.get_target("local" if fv.warm_cache else fv.target)
+    buckets = planner.choose_buckets(config, fv.bucket, fv.all_buckets or fv.warm_cache)
+    cache = compile_cache.cache_directory(config, fv.workdir) if fv.warm_cache else None
+    if fv.warm_cache and cache is None:
+        raise ConfigError("config.compilation_cache.enabled is False: there is no cache to warm")
+    with compile_cache.persistent_cache(cache) if fv.warm_cache else contextlib.nullcontext():
+        result = planner.plan(config, target, buckets, mem_fraction=fv.mem_fraction, memory_bytes=memory,
+                              suggest=fv.suggest and not fv.warm_cache, max_compiles=fv.max_compiles,
+                              progress=progress)
+    if fv.json:
         print(json.dumps(report.as_dict(result), indent=2), flush=True)
     else:
         print(report.render(result, label=str(config.task)), flush=True)
-    if _WARM.value:
+    if fv.warm_cache:
         print(f"compiled {len(buckets)} bucket(s) into {cache}", flush=True)
-    sys.exit(1 if any(b.plan.fits is False for b in result.buckets) else 0)
+    return 1 if any(b.plan.fits is False for b in result.buckets) else 0
 
 
-def main() -> None:
-    """Entry point of `python -m sga_jax.plan` and the `sga-plan` console script."""
-    _select_backend(sys.argv)
-    app.run(_main)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m sga_jax.plan` and the `sga-plan` console script; returns the exit status."""
+    _select_backend(sys.argv[1:] if argv is None else argv)
+    return cli.run_with_flags(_main, argv, define=define_flags, doc=__doc__, configs=("config",))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from sga_jax import parallel
+from sga_jax.errors import ConfigError
 
 Overrides = dict[str, Any]
 
@@ -33,11 +34,11 @@ ATTENTION_BY_PLATFORM = {"gpu": ("cudnn", "chunked"), "tpu": ("chunked",), "cpu"
 
 
 def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
-    """The value at a dotted key of `config`; a KeyError names the key."""
+    """The value at a dotted key of `config`; a ConfigError names the key."""
     node: Any = config
     for part in key.split("."):
         if part not in node:
-            raise KeyError(f"config has no key {key!r}")
+            raise ConfigError(f"config has no key {key!r}")
         node = node[part]
     return node
 
@@ -51,7 +52,7 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> m
         for part in parents:
             node = node[part]
         if leaf not in node:
-            raise KeyError(f"config has no key {key!r}")
+            raise ConfigError(f"config has no key {key!r}")
         node[leaf] = value
     return new
 

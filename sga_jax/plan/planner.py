@@ -11,6 +11,7 @@ import ml_collections
 
 from sga_jax.data.buckets import Bucket, bucket_name
 from sga_jax.data.pipeline import buckets_from_config
+from sga_jax.errors import ConfigError
 from sga_jax.plan import levers as levers_lib
 from sga_jax.plan import targets as targets_lib
 from sga_jax.plan.step import Progress, StepPlan, plan_step
@@ -58,13 +59,13 @@ class Plan:
 
 
 def parse_bucket(text: str) -> Bucket:
-    """'4096x2304' -> (4096, 2304) as (width, height); a ValueError shows the expected form."""
+    """'4096x2304' -> (4096, 2304) as (width, height); a ConfigError shows the expected form."""
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"bucket {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 2048x2048") from None
+        raise ConfigError(f"bucket {text!r}: expected WIDTHxHEIGHT in pixels, e.g. 2048x2048") from None
     if width < 1 or height < 1:
-        raise ValueError(f"bucket {text!r}: width and height must be positive")
+        raise ConfigError(f"bucket {text!r}: width and height must be positive")
     return width, height
 
 
@@ -83,7 +84,7 @@ def choose_buckets(config: ml_collections.ConfigDict, requested: list[str], all_
         return available
     if requested:
         if available == [None]:
-            raise ValueError(f"task {config.task!r} has no aspect buckets (config.data.buckets); drop --bucket")
+            raise ConfigError(f"task {config.task!r} has no aspect buckets (config.data.buckets); drop --bucket")
         return [parse_bucket(text) for text in requested]
     if available == [None]:
         return available

@@ -114,7 +114,7 @@ def render(plan: Plan, label: str = "") -> str:
     head = [f"plan{' of ' + label if label else ''} on {plan.target.name}: {plan.target.description}",
             f"  mesh {mesh} over {plan.num_devices} devices, {plan.num_processes} process(es); "
             f"{_count(plan.trainable_parameters)} trainable parameters; {plan.compute_dtype} compute",
-            f"  usable memory per device: "
+            "  usable memory per device: "
             + (f"{format_bytes(plan.usable)} ({plan.usable_source})" if plan.usable is not None else plan.usable_source)]
     if plan.target.proxy:
         head.append(f"  note: {CPU_CAVEAT}")

@@ -20,6 +20,7 @@ import ml_collections
 
 from sga_jax import parallel
 from sga_jax.data.buckets import Bucket, bucket_name
+from sga_jax.errors import ConfigError
 from sga_jax.plan.flops import jaxpr_cost
 from sga_jax.plan.targets import Target, parse_hbm_error
 from sga_jax.train import state as state_lib
@@ -113,7 +114,7 @@ def abstract_batch(run: Run, bucket: Bucket | None) -> dict[str, jax.ShapeDtypeS
     (`sga_jax.parallel.host_to_global`)."""
     shapes = getattr(run.task, "batch_shapes", None)
     if shapes is None:
-        raise ValueError(f"task {run.config.task!r} has no batch_shapes(config, bucket) hook, which the planner "
+        raise ConfigError(f"task {run.config.task!r} has no batch_shapes(config, bucket) hook, which the planner "
                          "needs (see sga_jax/train/task.py)")
     sharding = parallel.batch_sharding(run.mesh, run.rules)
     return {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)

@@ -23,11 +23,13 @@ from typing import Any
 
 import jax
 
+from sga_jax.errors import ConfigError
+
 PLAN_REQUIREMENTS = "pip install -r requirements-plan.txt (or `make plan-deps`)"
 
 
-class BackendMissing(RuntimeError):
-    """The packages a target's compiler lives in are not installed."""
+class BackendMissing(ConfigError):
+    """The packages a target's compiler lives in are not installed (the message names them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +108,9 @@ def _tpu_shape(chips: int, dims: int) -> str:
     """The torus of `chips` chips that Cloud TPU names use: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...
     in three dimensions, 1x1, 1x2, 2x2, 2x4, 4x4, 4x8, ... in two."""
     if chips < 1 or chips & (chips - 1):
-        raise ValueError(f"a TPU slice has a power-of-two chip count, got {chips}")
+        raise ConfigError(f"a TPU slice has a power-of-two chip count, got {chips}")
     if dims == 3 and chips < 4:
-        raise ValueError(f"3-D TPU slices start at 4 chips, got {chips}")
+        raise ConfigError(f"3-D TPU slices start at 4 chips, got {chips}")
     shape, axes = ([2, 2, 1], [2] + [2, 1, 0] * 8) if dims == 3 else ([1, 1], [1, 0] * 8)
     for axis in axes:
         if math.prod(shape) >= chips:
@@ -118,7 +120,7 @@ def _tpu_shape(chips: int, dims: int) -> str:
 
 
 def get_target(name: str) -> Target:
-    """The target `name` (see the module docstring); a ValueError lists examples for others."""
+    """The target `name` (see the module docstring); a ConfigError lists examples for others."""
     key = name.strip().lower()
     if key in ("cpu", "local"):
         what = "this host's CPU devices (a weak proxy for temporaries)" if key == "cpu" else "this machine's devices"
@@ -130,14 +132,14 @@ def get_target(name: str) -> Target:
             return _gpu_target(key, GPU_CHIPS[family], count, slices)
         if sep == "-" and family in TPU_CHIPS:
             return _tpu_target(key, TPU_CHIPS[family], count, slices)
-    raise ValueError(f"unknown target {name!r}: expected a GPU target like h100x8 / h100x16 "
+    raise ConfigError(f"unknown target {name!r}: expected a GPU target like h100x8 / h100x16 "
                      f"({', '.join(GPU_CHIPS)}), a TPU slice like v5p-16 ({', '.join(TPU_CHIPS)}), an optional "
                      f"'Nx' slice-count prefix, 'cpu' or 'local'; e.g. {', '.join(EXAMPLES)}")
 
 
 def _gpu_target(name: str, chip: Chip, count: int, slices: int) -> Target:
     if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
-        raise ValueError(f"target {name!r}: {count} GPUs is not 1-{GPUS_PER_HOST} or a multiple of {GPUS_PER_HOST}")
+        raise ConfigError(f"target {name!r}: {count} GPUs is not 1-{GPUS_PER_HOST} or a multiple of {GPUS_PER_HOST}")
     hosts, per_host = max(1, count // GPUS_PER_HOST), min(count, GPUS_PER_HOST)
     where = f"{hosts} host{'s' if hosts > 1 else ''}" + (f" x {slices} slices" if slices > 1 else "")
     return Target(name, "gpu", f"{slices * count} x {chip.label} ({where})", chip, f"{slices}x{hosts}x{per_host}",
@@ -146,12 +148,12 @@ def _gpu_target(name: str, chip: Chip, count: int, slices: int) -> Target:
 
 def _tpu_target(name: str, chip: Chip, count: int, slices: int) -> Target:
     if count % chip.cores_per_chip:
-        raise ValueError(f"target {name!r}: {chip.label} slices count {chip.cores_per_chip} cores per chip")
+        raise ConfigError(f"target {name!r}: {chip.label} slices count {chip.cores_per_chip} cores per chip")
     chips = count // chip.cores_per_chip
     try:
         topology = f"{chip.topology_prefix}:{_tpu_shape(chips, chip.dims)}"
     except ValueError as error:
-        raise ValueError(f"target {name!r}: {error}") from None
+        raise ConfigError(f"target {name!r}: {error}") from None
     where = f" x {slices} slices" if slices > 1 else ""
     return Target(name, "tpu", f"{chips * slices} x {chip.label} chips ({topology}{where})", chip, topology, slices)
 

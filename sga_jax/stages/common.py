@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import dinov2, dinov3, flux, sam2, vae
 from sga_jax.models.vae.convert import open_checkpoint as open_vae_checkpoint
 from sga_jax.weights import converted
@@ -20,26 +21,39 @@ PRIOR_MODELS = {"dinov2": (dinov2.Dinov2Config, dinov2.Dinov2), "dinov3": (dinov
                 "sam2": (sam2.Sam2HieraConfig, sam2.Sam2Hiera)}
 
 
+def weights_path(section: ml_collections.ConfigDict, family: str) -> Path | None:
+    """The local path of a `config.model.<part>` section's `weights` for model family `family`: a
+    path, or a hub id fetched once per process into the hub cache (`sga_jax.weights.hub`); None
+    when the section names no weights."""
+    weights = section.get("weights", "")
+    return converted.resolve_weights(family, weights) if weights else None
+
+
 def model_config(section: ml_collections.ConfigDict, cls: Any, family: str) -> Any:
     """A model config from a `config.model.<family>` section: the config of the weights it names
     (a converted directory, a Hugging Face config.json, or inferred from a Flux / VAE checkpoint), else
     its `preset`; then its `overrides`."""
-    weights = section.get("weights", "")
-    if weights and converted.is_converted(weights):
-        config = cls.from_dict(json.loads((Path(weights) / converted.CONFIG_FILE).read_text())["config"])
-    elif weights and hasattr(cls, "from_hf_config") and (Path(weights) / "config.json").is_file():
-        config = cls.from_hf_config(json.loads((Path(weights) / "config.json").read_text()))
-    elif weights and family == "flux":
+    weights = weights_path(section, family)
+    if weights is not None and converted.is_converted(weights):
+        config = cls.from_dict(json.loads((weights / converted.CONFIG_FILE).read_text())["config"])
+    elif weights is not None and hasattr(cls, "from_hf_config") and (weights / "config.json").is_file():
+        config = cls.from_hf_config(json.loads((weights / "config.json").read_text()))
+    elif weights is not None and family == "flux":
         config = flux.infer_config(weights)
-    elif weights and family == "vae":
+    elif weights is not None and family == "vae":
         config = vae.infer_config(*open_vae_checkpoint(weights)[:2])
     else:
         preset = section.get("preset", "")
         if not preset or not hasattr(cls, preset):
-            raise ValueError(f"config.model.{family}: give `weights` or a `preset` of {cls.__name__}, got {preset!r}")
+            raise ConfigError(f"config.model.{family}: give `weights` or a `preset` of {cls.__name__}, got {preset!r}")
         config = getattr(cls, preset)()
     overrides = dict(section.get("overrides", {}) or {})
-    return dataclasses.replace(config, **overrides) if overrides else config
+    if overrides:
+        try:
+            return dataclasses.replace(config, **overrides)
+        except TypeError as error:
+            raise ConfigError(f"config.model.{family}.overrides={overrides}: {error}") from error
+    return config
 
 
 def example_weights(batch: dict, size: int) -> jax.Array:

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from sga_jax.errors import CheckpointError
 from sga_jax.train.state import TrainState
 
 
@@ -74,7 +75,7 @@ class Checkpointer:
         """(state, data state, config, metadata) of `step`; `target` is a tree of ShapeDtypeStructs
         with shardings (`sga_jax.train.state.with_shardings`) that the arrays are loaded into."""
         if step not in self.manager.all_steps():
-            raise ValueError(f"{self.directory}: no finalised checkpoint for step {step}; have {self.all_steps()}")
+            raise CheckpointError(f"{self.directory}: no finalised checkpoint for step {step}; have {self.all_steps()}")
         out = self.manager.restore(
             int(step),
             args=ocp.args.Composite(

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from sga_jax.errors import ConfigError
 from sga_jax.parallel import DEFAULT_RULES, MESH_AXES
 from sga_jax.train import compile_cache
 from sga_jax.train.optim import SCHEDULES
@@ -63,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
-    raise ValueError(f"config.{key}={value!r}: expected {expected}")
+    raise ConfigError(f"config.{key}={value!r}: expected {expected}")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -73,7 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "mesh", "optimizer", "precision", "checkpoint", "logging", "nan_guard")
     missing = [k for k in required if k not in config]
     if missing:
-        raise ValueError(f"config lacks {missing}; start from sga_jax.train.config.base_config()")
+        raise ConfigError(f"config lacks {missing}; start from sga_jax.train.config.base_config()")
     if not config.task:
         _fail("task", config.task, "a registered task name or 'package.module:ClassName'")
     for key in ("total_steps", "batch_size"):
@@ -113,7 +114,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     try:
         json.dumps(config.to_dict())
     except TypeError as e:
-        raise ValueError(f"config is not JSON-serialisable (it is saved with every checkpoint): {e}") from e
+        raise ConfigError(f"config is not JSON-serialisable (it is saved with every checkpoint): {e}") from e
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, batch_shards: int, num_processes: int) -> None:

@@ -173,6 +173,23 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     return Run(config, task, mesh, rules, optimizer, schedule, setup)
 
 
+def dry_run_report(run: Run, config_arg: str = "CONFIG") -> str:
+    """Mesh, parameter count and per-device memory of a run (what `--dry_run` prints), with the
+    planner command that adds gradients, activations and the peak on a real target."""
+    params = run.setup.abstract_state.params
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    lines = [
+        f"task {run.config.task}: {count:,} trainable parameters",
+        f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es)",
+        "memory per device (parameters, optimizer state, EMA, frozen incl. a LoRA's base; activations not included):",
+        describe_memory(state_lib.memory_estimate(run.setup)),
+        "gradients, activations and the peak: compile the step for the hardware with",
+        f"  python -m sga_jax.plan --config {config_arg} --target h100x8|v5p-16|cpu|... [--all_buckets]",
+    ]
+    return "\n".join(lines)
+
+
 def jitted_step(run: Run) -> step_lib.StepFn:
     """The run's train step, jitted with its shardings; call it (and trace it) inside
     `parallel.activation_sharding(run.mesh, run.rules)`."""
@@ -187,11 +204,40 @@ def jitted_step(run: Run) -> step_lib.StepFn:
     return step_lib.jit_train_step(step, run.setup)
 
 
-def _modules(run: Run, state: state_lib.TrainState, frozen: Any) -> tuple[nnx.Module, nnx.Module | None]:
+class StepExecutables:
+    """The jitted train step compiled ahead of time for each batch signature it meets (the first
+    step, then each new bucket shape), so that compiling is a phase of its own, timed apart from
+    the steps. The state and frozen inputs keep their shardings from step to step; the batch's
+    shapes, dtypes and shardings make the signature."""
+
+    def __init__(self, step: Any):
+        self.step = step
+        self.compiled: dict[Any, Any] = {}
+
+    @staticmethod
+    def signature(batch: dict[str, jax.Array]) -> Any:
+        leaves, tree = jax.tree.flatten(batch)
+        return tree, tuple((x.shape, x.dtype, x.sharding) for x in leaves)
+
+    def ready(self, batch: dict[str, jax.Array]) -> bool:
+        """Whether the step for this batch's signature is compiled."""
+        return self.signature(batch) in self.compiled
+
+    def compile(self, state: state_lib.TrainState, frozen: Any, batch: dict[str, jax.Array]) -> float:
+        """Trace and compile the step for this batch's signature; returns the seconds it took."""
+        start = time.perf_counter()
+        self.compiled[self.signature(batch)] = self.step.lower(state, frozen, batch).compile()
+        return time.perf_counter() - start
+
+    def __call__(self, state: state_lib.TrainState, frozen: Any, batch: dict[str, jax.Array]) -> Any:
+        return self.compiled[self.signature(batch)](state, frozen, batch)
+
+
+def _modules(run: Run, state: state_lib.TrainState,
+             frozen: state_lib.FrozenState) -> tuple[nnx.Module, nnx.Module | None]:
     params = state.ema if state.ema is not None else state.params
-    trainable = nnx.merge(run.setup.graphs.trainable, params, state.model_state)
-    frozen_module = nnx.merge(run.setup.graphs.frozen, frozen) if run.setup.graphs.frozen is not None else None
-    return trainable, frozen_module
+    trainable = state_lib.merge_trainable(run.setup.graphs.trainable, params, frozen, state.model_state)
+    return trainable, state_lib.merge_frozen(run.setup.graphs, frozen)
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -242,12 +288,13 @@ class _Loop:
             self.batches.set_state(data_state)
             log.info("resumed from %s at step %d", checkpointer.directory, self.start)
         self.frozen = state_lib.init_frozen(run.task, config, run.setup)
-        self.step_fn = jitted_step(run)
+        self.steps = StepExecutables(jitted_step(run))
         self.images = int(config.batch_size) * int(getattr(run.task, "images_per_example", 1))
         self.last: dict[str, float] = {}
-        self.clock = time.perf_counter()
+        self.compile_total = 0.0
         self.bar = tqdm(total=self.total, initial=self.start, dynamic_ncols=True, desc="train",
                         disable=not (config.logging.progress_bar and jax.process_index() == 0))
+        self.clock = time.perf_counter()  # after the bar's own clock started: pauses never exceed its time
         self.writer = MetricWriter(workdir, resume_step=self.start, tensorboard=config.logging.tensorboard)
 
     def loop(self) -> RunResult:
@@ -256,16 +303,24 @@ class _Loop:
         try:
             for step in range(self.start + 1, self.total + 1):
                 batch = next(self.batches)
+                if step == self.start + 1:  # the first batch warms the input pipeline up: not a step
+                    self.pause(time.perf_counter() - self.clock)
                 arrays = {k: v for k, v in batch.items() if isinstance(v, jax.Array)}
-                self.state, metrics = self.step_fn(self.state, self.frozen, arrays)
+                compile_s = 0.0
+                if not self.steps.ready(arrays):
+                    if pending is not None:  # let the previous step finish first: it is timed alone
+                        self.finish(*pending)
+                        pending = None
+                    compile_s = self.compile(arrays)
+                self.state, metrics = self.steps(self.state, self.frozen, arrays)
                 if pending is not None:
                     self.finish(*pending)  # the previous step's metrics, while this one runs
-                pending = (step, metrics)
+                pending = (step, metrics, None, compile_s)
                 preempted = self.flag.is_set()
                 save = preempted or _due(step, int(config.checkpoint_every), self.total)
                 hooks = any(_due(step, int(config.get(k, 0)), self.total) for k in ("sample_every", "eval_every"))
                 if save or hooks:
-                    self.finish(step, metrics, self.callbacks(step) if hooks else None)
+                    self.finish(step, metrics, self.callbacks(step) if hooks else None, compile_s)
                     pending = None
                 if save:
                     self.checkpointer.save(step, self.state, self.batches.get_state(), config.to_dict(),
@@ -281,17 +336,43 @@ class _Loop:
             self.writer.close()
         return RunResult(step=int(jax.device_get(self.state.step)), preempted=preempted, last_metrics=self.last)
 
-    def finish(self, step: int, metrics: dict, extra: dict[str, float] | None = None) -> None:
-        """Fetch one step's metrics, log them with any callback scalars, and apply the NaN guard."""
+    def compile(self, batch: dict[str, jax.Array]) -> float:
+        """Compile the step for a new batch signature as a phase of its own: the bar says so while
+        it runs, and neither the step times nor the bar's rate and ETA count it. Returns its seconds."""
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
+        self.bar.set_description_str("compiling", refresh=True)
+        seconds = self.steps.compile(self.state, self.frozen, batch)
+        self.compile_total += seconds
+        self.pause(seconds)
+        self.bar.set_description_str("train", refresh=False)
+        log.info("compiled the train step for %s in %.1f s", shapes, seconds)
+        return seconds
+
+    def pause(self, seconds: float) -> None:
+        """Leave the last `seconds` out of the step times and of the bar's elapsed time, rate and
+        ETA (tqdm's `unpause`, but for exactly that span)."""
+        self.clock += seconds
+        if not self.bar.disable:
+            self.bar.start_t += seconds
+            self.bar.last_print_t += seconds
+
+    def finish(self, step: int, metrics: dict, extra: dict[str, float] | None = None, compile_s: float = 0.0) -> None:
+        """Fetch one step's metrics, log them with any callback scalars, and apply the NaN guard.
+
+        step_time_s is the step's wall time without compilation; a step that needed a new
+        executable also records `compile_s`, the seconds spent tracing and compiling it."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         host["step_time_s"] = now - self.clock
         host["images_per_s"] = self.images / max(host["step_time_s"], 1e-9)
+        if compile_s:
+            host["compile_s"] = compile_s
         self.clock, self.last = now, host
         self.bar.update(1)
         terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith("loss_")}  # the task's loss terms
         self.bar.set_postfix(loss=f"{host['loss']:.4g}", **terms, lr=f"{host['lr']:.3g}",
-                             step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}")
+                             step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}",
+                             compile_s=f"{self.compile_total:.1f}")
         if extra or _due(step, int(self.config.log_every), self.total):
             self.writer.write(step, {**host, **(extra or {})})
         max_streak = int(self.config.nan_guard.max_consecutive)

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import optax
 
+from sga_jax.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -28,7 +30,7 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
         decay_steps = int(cfg.decay_steps) or int(total_steps)
         after = optax.cosine_decay_schedule(peak, max(decay_steps - warmup, 1), alpha=float(cfg.min_lr_ratio))
     else:
-        raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected one of {SCHEDULES}")
+        raise ConfigError(f"config.optimizer.schedule={cfg.schedule!r}: expected one of {SCHEDULES}")
     if warmup <= 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])

@@ -1,7 +1,10 @@
 """The train state, its shardings, and sharded initialisation that never builds the model on one device.
 
 Modules are split once (`nnx.split`) into static graph definitions (`Graphs`) and pure dicts of
-arrays; the state holds only arrays, so it jits, donates and checkpoints as a plain pytree.
+arrays; the state holds only arrays, so it jits, donates and checkpoints as a plain pytree. What
+does not train (`FrozenState`: the frozen module and the trainable module's `nn.Frozen` weights,
+such as the base weights under a LoRA) is neither checkpointed nor donated; it is loaded on every
+start.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from sga_jax import parallel
+from sga_jax.errors import CheckpointError
+from sga_jax.models import nn
 from sga_jax.train.task import Task
 
 
@@ -40,6 +45,16 @@ class TrainState:
     nan_streak: jax.Array
 
 
+@struct.dataclass
+class FrozenState:
+    """What the step uses but does not train or checkpoint: `trainable`, the pure dict of the
+    trainable module's `nn.Frozen` variables ({} when it has none), and `module`, the frozen
+    module's variables (None without a frozen module)."""
+
+    trainable: dict
+    module: dict | None
+
+
 @dataclasses.dataclass(frozen=True)
 class Graphs:
     """Static graph definitions to `nnx.merge` the state's dicts back into modules."""
@@ -55,8 +70,8 @@ class Setup:
     graphs: Graphs
     abstract_state: TrainState
     state_shardings: TrainState
-    abstract_frozen: dict | None
-    frozen_shardings: dict | None
+    abstract_frozen: FrozenState
+    frozen_shardings: FrozenState
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -68,9 +83,20 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(cast, tree)
 
 
-def split_module(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, Param state, all other state) of a module."""
-    return nnx.split(module, nnx.Param, ...)
+def split_module(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """(graphdef, Param state, `nn.Frozen` state, all other state) of a trainable module."""
+    return nnx.split(module, nnx.Param, nn.Frozen, ...)
+
+
+def merge_trainable(graphdef: nnx.GraphDef, params: Any, frozen: FrozenState, model_state: Any) -> nnx.Module:
+    """The trainable module from its parameters, its frozen weights (no gradient flows into them) and
+    its other variables."""
+    return nnx.merge(graphdef, params, jax.lax.stop_gradient(frozen.trainable), model_state)
+
+
+def merge_frozen(graphs: Graphs, frozen: FrozenState) -> nnx.Module | None:
+    """The frozen module (None when the task has none); no gradient flows into it."""
+    return None if graphs.frozen is None else nnx.merge(graphs.frozen, jax.lax.stop_gradient(frozen.module))
 
 
 def _build(task: Task, config: Any, seed: jax.Array) -> tuple[nnx.Module, nnx.Module | None]:
@@ -83,7 +109,7 @@ def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation,
     Optimizer moments take their parameter's sharding; scalar counters are replicated.
     """
     trainable, frozen = nnx.eval_shape(lambda: _build(task, config, jax.random.key(0)))
-    t_graph, t_params, t_rest = split_module(trainable)
+    t_graph, t_params, t_frozen, t_rest = split_module(trainable)
     param_sh = parallel.state_shardings(t_params, mesh, rules)
     rest_sh = parallel.state_shardings(t_rest, mesh, rules)
     params = nnx.to_pure_dict(t_params)
@@ -113,13 +139,14 @@ def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation,
         step=rep, params=param_sh, model_state=rest_sh, opt_state=opt_sh,
         ema=param_sh if ema_on else None, rng=rep, nan_skips=rep, nan_streak=rep,
     )
-    if frozen is None:
-        return Setup(Graphs(t_graph, None), abstract, shardings, None, None)
-    f_graph, f_state = nnx.split(frozen)
-    return Setup(
-        Graphs(t_graph, f_graph), abstract, shardings,
-        nnx.to_pure_dict(f_state), parallel.state_shardings(f_state, mesh, rules),
+    f_graph, f_state = nnx.split(frozen) if frozen is not None else (None, None)
+    abstract_frozen = FrozenState(trainable=nnx.to_pure_dict(t_frozen),
+                                  module=nnx.to_pure_dict(f_state) if frozen is not None else None)
+    frozen_shardings = FrozenState(
+        trainable=parallel.state_shardings(t_frozen, mesh, rules),
+        module=parallel.state_shardings(f_state, mesh, rules) if frozen is not None else None,
     )
+    return Setup(Graphs(t_graph, f_graph), abstract, shardings, abstract_frozen, frozen_shardings)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -134,7 +161,7 @@ def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation,
         key = jax.random.wrap_key_data(seed)
         model_key, train_key = jax.random.split(key)
         trainable, _ = _build(task, config, model_key)
-        _, params, rest = split_module(trainable)
+        _, params, _, rest = split_module(trainable)
         params = nnx.to_pure_dict(params)
         zero = jnp.zeros((), jnp.int32)
         return TrainState(
@@ -178,41 +205,41 @@ def check_tree(tree: Any, expected: Any, what: str) -> None:
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        raise ValueError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+        raise CheckpointError(f"{what}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
     for key, value in want.items():
         if tuple(got[key].shape) != tuple(value.shape):
-            raise ValueError(f"{what}: {key} has shape {tuple(got[key].shape)}, expected {tuple(value.shape)}")
+            raise CheckpointError(f"{what}: {key} has shape {tuple(got[key].shape)}, expected {tuple(value.shape)}")
 
 
-def init_frozen(task: Task, config: Any, setup: Setup) -> dict | None:
-    """The frozen module's variables: from `task.load_frozen` when the task has it, else from the seed
-    (the same key as the trainable module, so a restart rebuilds the same values)."""
-    if setup.abstract_frozen is None:
-        return None
+def init_frozen(task: Task, config: Any, setup: Setup) -> FrozenState:
+    """The frozen variables: from `task.load_frozen` when the task has it, else from the seed (the
+    same key as the trainable module, so a restart rebuilds the same values)."""
     load = getattr(task, "load_frozen", None)
     if load is not None:
-        return load(setup.abstract_frozen, setup.frozen_shardings)
+        loaded = load(setup.abstract_frozen, setup.frozen_shardings)
+        check_tree(loaded, setup.abstract_frozen, "task.load_frozen")
+        return loaded
 
-    def init(seed: jax.Array) -> dict:
+    def init(seed: jax.Array) -> FrozenState:
         model_key, _ = jax.random.split(jax.random.wrap_key_data(seed))
-        _, frozen = _build(task, config, model_key)
-        return nnx.to_pure_dict(nnx.split(frozen)[1])
+        trainable, frozen = _build(task, config, model_key)
+        module = nnx.to_pure_dict(nnx.split(frozen)[1]) if frozen is not None else None
+        return FrozenState(trainable=nnx.to_pure_dict(split_module(trainable)[2]), module=module)
 
     seed = jax.random.key_data(jax.random.key(int(config.seed)))
     return jax.jit(init, out_shardings=setup.frozen_shardings)(seed)
 
 
 def memory_estimate(setup: Setup) -> dict[str, int]:
-    """Bytes per device of each part of the state (params, optimizer, EMA, other, frozen) and total."""
+    """Bytes per device of each part of the state (params, optimizer, EMA, other, frozen: the frozen
+    module and the trainable module's frozen weights) and total."""
     s, sh = setup.abstract_state, setup.state_shardings
     parts = {
         "params": parallel.per_device_bytes(s.params, sh.params),
         "optimizer": parallel.per_device_bytes(s.opt_state, sh.opt_state),
         "ema": parallel.per_device_bytes(s.ema, sh.ema) if s.ema is not None else 0,
         "model_state": parallel.per_device_bytes(s.model_state, sh.model_state),
-        "frozen": parallel.per_device_bytes(setup.abstract_frozen, setup.frozen_shardings)
-        if setup.abstract_frozen is not None
-        else 0,
+        "frozen": parallel.per_device_bytes(setup.abstract_frozen, setup.frozen_shardings),
     }
     parts["total"] = sum(parts.values())
     return parts

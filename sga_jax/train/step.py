@@ -2,7 +2,8 @@
 
 Mixed precision: trainable parameters are fp32 masters; the loss sees them cast to the compute
 dtype (so FSDP gathers half the bytes in bf16), and the gradients come back in fp32 through that
-cast. Frozen variables are used in the dtype the task stored them in (e.g. a bf16 text encoder). Gradient accumulation splits the global batch
+cast. Frozen variables (the frozen module, the trainable module's `nn.Frozen` weights) are used in
+the dtype the task stored them in (e.g. a bf16 text encoder, a LoRA's bf16 base) and get no gradient. Gradient accumulation splits the global batch
 into k micro-batches and scans over them. A NaN/Inf loss or gradient skips the update (params,
 optimizer state and EMA are kept), counts it, and leaves the decision to stop to the loop.
 """
@@ -15,11 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from sga_jax import parallel
-from sga_jax.train.state import Graphs, Setup, TrainState, cast_floating
+from sga_jax.train.state import FrozenState, Graphs, Setup, TrainState, cast_floating, merge_frozen, merge_trainable
 from sga_jax.train.task import Task
 
 StepFn = Callable[[TrainState, Any, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
@@ -64,12 +64,9 @@ def make_train_step(
     dtype = jnp.dtype(compute_dtype)
     k = int(grad_accum_steps)
 
-    def loss_fn(params: dict, model_state: dict, frozen: Any, batch: dict, rng: jax.Array):
-        trainable = nnx.merge(graphs.trainable, cast_floating(params, dtype), model_state)
-        frozen_module = None
-        if graphs.frozen is not None:
-            frozen_module = nnx.merge(graphs.frozen, jax.lax.stop_gradient(frozen))
-        loss, metrics = task.loss(trainable, frozen_module, batch, rng)
+    def loss_fn(params: dict, model_state: dict, frozen: FrozenState, batch: dict, rng: jax.Array):
+        trainable = merge_trainable(graphs.trainable, cast_floating(params, dtype), frozen, model_state)
+        loss, metrics = task.loss(trainable, merge_frozen(graphs, frozen), batch, rng)
         return loss.astype(jnp.float32), {name: v.astype(jnp.float32) for name, v in metrics.items()}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

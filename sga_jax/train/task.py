@@ -8,8 +8,10 @@ logging and signals; a Task owns the models, the loss and the data. A stage is a
     parameters' logical axes) and inside a `jax.jit` with `out_shardings` (to initialise every
     parameter directly into its shard), so it must be traceable and must not read files. Only the
     trainable module's `nnx.Param` variables get gradients and optimizer state; its other variables
-    are carried unchanged; the frozen module gets neither and is not checkpointed (it is rebuilt
-    from the seed, or loaded by `load_frozen`, on every start).
+    are carried unchanged. The frozen module, and the trainable module's `nn.Frozen` variables
+    (weights inside a trained module that do not train, e.g. the base weights under a LoRA), get
+    neither and are not checkpointed: the engine holds them in a `FrozenState` rebuilt from the
+    seed, or loaded by `load_frozen`, on every start.
 
 ``loss(trainable, frozen, batch, rng) -> (loss, metrics)``
     A pure function of merged modules, a dict of arrays and a PRNG key: a float32 scalar loss and a
@@ -36,10 +38,12 @@ Optional hooks (looked up with getattr; absent means "not used"):
     shape. The EMA starts from it. The random values are alive while the hook runs, so loading
     briefly needs room for two copies of the replaced parameters.
 
-``load_frozen(abstract, shardings) -> dict``
-    Load the frozen module's variables from files into the given shardings (`abstract` is the pure
-    dict of ShapeDtypeStructs of `nnx.split(frozen)`'s state). When absent the frozen module is
-    initialised from the seed like the trainable one.
+``load_frozen(abstract, shardings) -> FrozenState``
+    Load the frozen variables from files into the given shardings. `abstract` is a
+    `sga_jax.train.state.FrozenState` of ShapeDtypeStructs: `.module`, the pure dict of
+    `nnx.split(frozen)`'s state (None without a frozen module), and `.trainable`, the pure dict of
+    the trainable module's `nn.Frozen` variables ({} when it has none); return the same structure.
+    When absent both are initialised from the seed like the trainable module.
 
 ``sample(trainable, frozen, step, workdir, rng) -> dict[str, float] | None``
     Called every `config.sample_every` steps (and at the end) with the EMA parameters when EMA is on;
@@ -74,6 +78,8 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 from flax import nnx
 from jax.sharding import Mesh
+
+from sga_jax.errors import ConfigError
 
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
@@ -112,16 +118,16 @@ def get_task(name: str, config: Any = None) -> Task:
     `config` is given and the task has the hook, call `task.configure(config)`."""
     path = TASKS.get(name, name)
     if ":" not in path:
-        raise ValueError(f"config.task={name!r}: expected one of {sorted(TASKS)} or 'package.module:ClassName'")
+        raise ConfigError(f"config.task={name!r}: expected one of {sorted(TASKS)} or 'package.module:ClassName'")
     module_name, class_name = path.split(":", 1)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config.task={name!r}: cannot import {path!r}: {e}") from e
+        raise ConfigError(f"config.task={name!r}: cannot import {path!r}: {e}") from e
     task = cls()
     missing = [m for m in ("build", "loss", "batches") if not callable(getattr(task, m, None))]
     if missing:
-        raise ValueError(f"config.task={name!r}: {path} lacks the Task methods {missing}")
+        raise ConfigError(f"config.task={name!r}: {path} lacks the Task methods {missing}")
     configure = getattr(task, "configure", None)
     if config is not None and configure is not None:
         configure(config)

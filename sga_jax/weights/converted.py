@@ -15,37 +15,55 @@ from typing import Any
 import jax
 from flax import nnx
 
+from sga_jax.errors import ConfigError
+from sga_jax.weights import hub
+
 CONFIG_FILE = "sga_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """Where a model family lives and what its config and module classes are called."""
+    """Where a model family lives, what its config and module classes are called, and which files
+    of a folder (or hub repo) its weights are (`hub.Layout`).
+
+    `extra_files` names the further checkpoint files its `load(path, ...)` takes as keyword
+    arguments (LPIPS: `lin`, its head, which ships apart from the trunk); the convert command line
+    offers each as `--NAME FILE`.
+    """
 
     module: str
     config_class: str
     model_class: str
+    layout: hub.Layout = hub.PRETRAINED
+    extra_files: tuple[str, ...] = ()
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(self.module)
 
 
 FAMILIES: dict[str, Family] = {
-    "flux": Family("sga_jax.models.flux", "FluxConfig", "Flux"),
-    "vae": Family("sga_jax.models.vae", "AutoEncoderConfig", "AutoEncoder"),
+    "flux": Family("sga_jax.models.flux", "FluxConfig", "Flux", hub.FLUX),
+    "vae": Family("sga_jax.models.vae", "AutoEncoderConfig", "AutoEncoder", hub.VAE),
     "dinov2": Family("sga_jax.models.dinov2", "Dinov2Config", "Dinov2"),
     "dinov3": Family("sga_jax.models.dinov3", "Dinov3Config", "Dinov3"),
     "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2Hiera"),
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
+    "lpips": Family("sga_jax.models.lpips", "LPIPSConfig", "LPIPS", extra_files=("lin",)),
+    "inception": Family("sga_jax.models.inception", "InceptionConfig", "InceptionV3"),
 }
 
 
 def family(name: str) -> Family:
     """The registry entry for a family name, with a clear error for unknown names."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
+        raise ConfigError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[name]
+
+
+def resolve_weights(name: str, spec: str | Path) -> Path:
+    """The local path of family `name`'s weights at `spec` (a path or hub id, see `sga_jax.weights.hub`)."""
+    return hub.resolve(spec, family(name).layout)
 
 
 def _checkpointer():
@@ -98,3 +116,25 @@ def load_model(name: str, path: str | Path, *, shardings: Any = None, **override
     if is_converted(path):
         return load_converted(path, shardings=shardings, **overrides)
     return family(name).load_module().load(path, shardings=shardings, **overrides)
+
+
+def import_checkpoint(name: str, src: str | Path, dst: str | Path, **extra_files: str | Path) -> Path:
+    """Read family `name`'s checkpoint at `src` (its public format; a path or hub id), with the
+    family's `extra_files` given by name, and write it as a converted directory `dst`; returns `dst`."""
+    entry = family(name)
+    unknown = sorted(set(extra_files) - set(entry.extra_files))
+    if unknown:
+        raise ConfigError(f"--{unknown[0]} is not an input of the {name} import (it takes {list(entry.extra_files)})")
+    extra = {key: resolve_weights(name, path) for key, path in extra_files.items()}
+    return save_converted(name, entry.load_module().load(resolve_weights(name, src), **extra), dst)
+
+
+def export_checkpoint(name: str, src: str | Path, dst: str | Path, *, format: str, dtype: str | None = None) -> None:
+    """Write family `name`'s model from `src` (a converted directory, or any checkpoint `load_model`
+    reads) as safetensors at `dst` in the family's export `format` (e.g. "diffusers", "bfl")."""
+    module = family(name).load_module()
+    if not hasattr(module, "save"):
+        raise ConfigError(f"the {name} family is import-only: it has no export format")
+    model = load_model(name, resolve_weights(name, src))
+    kwargs = {"dtype": dtype} if dtype else {}
+    module.save(model, dst, format=format, **kwargs)

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sga_jax.weights.reader import CheckpointError, CheckpointReader
+from sga_jax.weights.fileio import CheckpointError
+from sga_jax.weights.reader import CheckpointReader
 from sga_jax.weights.writer import write_safetensors
 
 
@@ -122,6 +123,48 @@ class TrailingOnes:
         return tuple(s + (1,) * self.count for s in self.inner.their_shapes(shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldedBatchNormKernel:
+    """A conv kernel with the inference BatchNorm that follows it folded in, from their
+    (conv.weight, bn.weight, bn.running_var): `kernel * weight / sqrt(running_var + eps)`,
+    computed in float64, then `inner`'s layout (e.g. CONV2D). Import only: a folded layer cannot
+    be split back into its conv and BatchNorm."""
+
+    eps: float
+    inner: Permute = Permute()
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        kernel, weight, var = (np.asarray(t, np.float64) for t in theirs)
+        scale = weight / np.sqrt(var + self.eps)
+        return self.inner.to_ours(kernel * scale.reshape((-1,) + (1,) * (kernel.ndim - 1)))
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise CheckpointError("a conv with its BatchNorm folded in cannot be exported as conv + BatchNorm")
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        (kernel,) = self.inner.their_shapes(shape)
+        return kernel, (kernel[0],), (kernel[0],)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedBatchNormBias:
+    """The bias of a conv with its inference BatchNorm folded in, from the BatchNorm's
+    (weight, bias, running_mean, running_var): `bias - running_mean * weight / sqrt(running_var + eps)`
+    in float64. Import only (see `FoldedBatchNormKernel`)."""
+
+    eps: float
+
+    def to_ours(self, *theirs: np.ndarray) -> np.ndarray:
+        weight, bias, mean, var = (np.asarray(t, np.float64) for t in theirs)
+        return bias - mean * weight / np.sqrt(var + self.eps)
+
+    def to_theirs(self, ours: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise CheckpointError("a conv with its BatchNorm folded in cannot be exported as conv + BatchNorm")
+
+    def their_shapes(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        return (tuple(shape),) * 4
+
+
 SAME = Permute()
 LINEAR = Permute((1, 0))  # PyTorch Linear (out, in) -> (in, out)
 CONV2D = Permute((2, 3, 1, 0))  # PyTorch Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
@@ -171,7 +214,7 @@ def check_keys(reader: CheckpointReader, key_map: KeyMap, *, ignore: Callable[[s
     missing = sorted(wanted - present)
     unexpected = sorted(k for k in present - wanted if not ignore(k))
     if missing or unexpected:
-        lines = [f"{reader.path}: checkpoint does not match the model"]
+        lines = [f"{' + '.join(map(str, reader.paths))}: checkpoint does not match the model"]
         if missing:
             lines.append(f"  missing {len(missing)} tensors: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if unexpected:
@@ -181,33 +224,33 @@ def check_keys(reader: CheckpointReader, key_map: KeyMap, *, ignore: Callable[[s
         raise CheckpointError("\n".join(lines))
 
 
+def read_layer(reader: CheckpointReader, name: str, spec: Rule, shape: tuple[int, ...], layer: int | None) -> np.ndarray:
+    """Layer `layer` of parameter `name` (all of it when `spec` is not stacked, layer None) from its
+    checkpoint tensors, each shape checked against what a parameter of `shape` needs."""
+    per_layer = shape[1:] if spec.layers is not None else shape
+    tensors = []
+    for key, want in zip(spec.keys_for(layer), spec.transform.their_shapes(per_layer)):
+        found = reader.shape(key)
+        if tuple(found) != tuple(want):
+            raise CheckpointError(
+                f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
+                f"(for parameter {name} of shape {tuple(shape)})"
+            )
+        tensors.append(reader.read(key))
+    return spec.transform.to_ours(*tensors)
+
+
 def read_param(reader: CheckpointReader, name: str, spec: Rule, expected: tuple[int, ...]) -> np.ndarray:
     """Assemble one parameter of ours from the checkpoint, checking shapes as it goes."""
-    per_layer = expected[1:] if spec.layers is not None else expected
-    their_expected = spec.transform.their_shapes(per_layer)
-
-    def one(layer: int | None) -> np.ndarray:
-        keys = spec.keys_for(layer)
-        tensors = []
-        for key, want in zip(keys, their_expected):
-            found = reader.shape(key)
-            if tuple(found) != tuple(want):
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
-                    f"(for parameter {name} of shape {tuple(expected)})"
-                )
-            tensors.append(reader.read(key))
-        return spec.transform.to_ours(*tensors)
-
     if spec.layers is None:
-        return one(None)
+        return read_layer(reader, name, spec, expected, None)
     if expected[0] != spec.layers:
         raise CheckpointError(f"parameter {name}: model has {expected[0]} layers, key map says {spec.layers}")
-    first = one(0)
+    first = read_layer(reader, name, spec, expected, 0)
     out = np.empty((spec.layers,) + first.shape, first.dtype)
     out[0] = first
     for i in range(1, spec.layers):
-        out[i] = one(i)
+        out[i] = read_layer(reader, name, spec, expected, i)
     return out
 
 
@@ -341,19 +384,8 @@ def transcode_tensors(
     for name, var in flat_params(abstract_state).items():
         source, target = source_map[name], target_map[name]
         shape = tuple(var.get_value().shape)
-        per_layer = shape[1:] if source.layers is not None else shape
-        expected = source.transform.their_shapes(per_layer)
         for layer in range(source.layers) if source.layers is not None else [None]:
-            parts = []
-            for key, want in zip(source.keys_for(layer), expected):
-                found = reader.shape(key)
-                if tuple(found) != tuple(want):
-                    raise CheckpointError(
-                        f"{reader.file_of(key)}: tensor {key!r} has shape {tuple(found)}, expected {tuple(want)} "
-                        f"(for parameter {name} of shape {shape})"
-                    )
-                parts.append(reader.read(key))
-            ours = source.transform.to_ours(*parts)
+            ours = read_layer(reader, name, source, shape, layer)
             out_dtype = np.dtype(dtype or var.get_value().dtype)
             for key, tensor in zip(target.keys_for(layer), target.transform.to_theirs(ours)):
                 yield key, np.ascontiguousarray(tensor.astype(out_dtype, copy=False))

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from sga_jax.errors import ConfigError
 from sga_jax.weights.reader import SAFETENSORS_NAMES, CheckpointError
 
 
@@ -31,7 +32,7 @@ def write_safetensors(
     """
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: output name must end in .safetensors")
+        raise ConfigError(f"{path}: output name must end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     shards: list[list[str]] = [[]]
     size = 0

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models.clip.model import ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig
 
 FORMATS = ("transformers", "hub")
@@ -148,7 +149,7 @@ def save(model: ClipTextModel, path: str | os.PathLike, format: str = "transform
     (default: the parameters' own). Returns the files written.
     """
     if format not in FORMATS:
-        raise ValueError(f"CLIP export format {format!r} is not one of {FORMATS}")
+        raise ConfigError(f"CLIP export format {format!r} is not one of {FORMATS}")
     config: ClipTextConfig = model.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ def load_clip_model(path: str | os.PathLike, *, shardings: Any = None, **overrid
         raise FileNotFoundError(f"{hf_file} not found: a CLIPModel directory needs its config.json")
     hf = json.loads(hf_file.read_text())
     if hf.get("model_type") != "clip":
-        raise ValueError(f"{hf_file}: model_type {hf.get('model_type')!r} is not a full CLIPModel ('clip')")
+        raise ConfigError(f"{hf_file}: model_type {hf.get('model_type')!r} is not a full CLIPModel ('clip')")
     text_config = ClipTextConfig.from_hf_config(hf, **overrides)
     vision_config = ClipVisionConfig.from_hf_config(hf, **overrides)
     projection_dim = hf.get("projection_dim", 512)

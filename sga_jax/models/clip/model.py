@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models import vit
 from sga_jax.models.config import ModelConfig
@@ -54,7 +55,7 @@ class ClipTextConfig(ModelConfig):
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
-    attention_implementations = ("xla", "cudnn")  # "chunked" takes no causal and padding masks
+    attention_implementations = nn.MASKING_IMPLEMENTATIONS  # causal and padding masks
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -109,7 +110,7 @@ def _tower_from_hf(cls: type, tower: str, hf: dict[str, Any], overrides: dict[st
     if hf.get("model_type") == "clip":
         hf = hf.get(f"{tower}_config") or {}
     elif hf.get("model_type", model_type) != model_type:
-        raise ValueError(f"not a CLIP {tower} config: model_type={hf.get('model_type')!r}")
+        raise ConfigError(f"not a CLIP {tower} config: model_type={hf.get('model_type')!r}")
     defaults = cls()
     fields = {
         f.name: hf.get(f.name, getattr(defaults, f.name))
@@ -270,7 +271,7 @@ class ClipVisionConfig(ModelConfig):
                                  "num_channels", "image_size", "patch_size")
         self.check_heads()
         if self.image_size % self.patch_size:
-            raise ValueError(f"ClipVisionConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(f"ClipVisionConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         nn.activation(self.hidden_act)
         self.check_run_settings()
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
@@ -55,12 +56,12 @@ class Dinov2Config(ModelConfig):
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"Dinov2Config.model_type={self.model_type!r}; expected one of {MODEL_TYPES}")
+            raise ConfigError(f"Dinov2Config.model_type={self.model_type!r}; expected one of {MODEL_TYPES}")
         self.check_heads()
         if self.model_type == "dinov2_with_registers" and not self.use_mask_token:
-            raise ValueError("Dinov2Config: dinov2_with_registers checkpoints always carry a mask token")
+            raise ConfigError("Dinov2Config: dinov2_with_registers checkpoints always carry a mask token")
         if self.model_type == "dinov2" and self.num_register_tokens:
-            raise ValueError("Dinov2Config: register tokens need model_type='dinov2_with_registers'")
+            raise ConfigError("Dinov2Config: register tokens need model_type='dinov2_with_registers'")
         nn.activation(self.hidden_act)
         self.check_run_settings()
 
@@ -102,9 +103,9 @@ class Dinov2Config(ModelConfig):
         """Read a transformers `config.json` dict ("dinov2" or "dinov2_with_registers")."""
         model_type = hf.get("model_type", "dinov2")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"config.json has model_type {model_type!r}; DINOv2 expects one of {MODEL_TYPES}")
+            raise ConfigError(f"config.json has model_type {model_type!r}; DINOv2 expects one of {MODEL_TYPES}")
         if hf.get("use_swiglu_ffn", False):
-            raise ValueError("config.json: use_swiglu_ffn=True (DINOv2-g) is not supported by this port")
+            raise ConfigError("config.json: use_swiglu_ffn=True (DINOv2-g) is not supported by this port")
         defaults = cls()
         fields = dict(
             hidden_size=hf.get("hidden_size", defaults.hidden_size),
@@ -159,7 +160,7 @@ class Embeddings(nnx.Module):
         side = self.config.grid_size
         table = self.position_embeddings[...][0, 1:].reshape(side, side, -1)
         antialias = self.config.model_type == "dinov2_with_registers"
-        resized = nn.resize_bicubic_torch(table.astype(jnp.float32), grid, antialias=antialias)
+        resized = nn.resize_torch(table.astype(jnp.float32), grid, "bicubic", antialias=antialias)
         return resized.astype(table.dtype).reshape(grid[0] * grid[1], -1)
 
     def __call__(self, pixel_values: jax.Array, bool_masked_pos: jax.Array | None = None) -> jax.Array:

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models import hf
 from sga_jax.models.dinov3.model import Dinov3, Dinov3Config
 
@@ -78,5 +78,5 @@ def to_hf_config(config: Dinov3Config) -> dict[str, Any]:
 def save(model: Dinov3, path: str | os.PathLike, format: str = "hf", *, dtype: Any = None) -> list[Path]:
     """Write a save_pretrained-style directory (config.json + model.safetensors) that transformers loads."""
     if format not in FORMATS:
-        raise ValueError(f"DINOv3 save: format {format!r} is not one of {FORMATS}")
+        raise ConfigError(f"DINOv3 save: format {format!r} is not one of {FORMATS}")
     return hf.save_pretrained(path, to_hf_config(model.config), model, key_map(model.config), dtype=dtype)

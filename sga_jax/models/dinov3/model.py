@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vit import LayerScaleBlock, learned_token, square_size
@@ -56,7 +57,7 @@ class Dinov3Config(ModelConfig):
     def __post_init__(self):
         self.check_heads()
         if self.head_dim % 4:
-            raise ValueError(f"Dinov3Config: head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
+            raise ConfigError(f"Dinov3Config: head_dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
         nn.activation(self.hidden_act)
         self.check_run_settings()
 
@@ -84,7 +85,7 @@ class Dinov3Config(ModelConfig):
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "Dinov3Config":
         """Read a transformers `config.json` dict of model_type "dinov3_vit"."""
         if hf.get("model_type", "dinov3_vit") != "dinov3_vit":
-            raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; DINOv3 expects 'dinov3_vit'")
+            raise ConfigError(f"config.json has model_type {hf.get('model_type')!r}; DINOv3 expects 'dinov3_vit'")
         hf_defaults = dict(hidden_size=384, intermediate_size=1536, num_attention_heads=6, num_register_tokens=0)
         fields = {}
         for f in dataclasses.fields(cls):

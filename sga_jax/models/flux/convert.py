@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models.flux.model import Flux, FluxConfig
 
 FORMATS = ("bfl", "diffusers")
@@ -140,7 +141,7 @@ def diffusers_key_map(config: FluxConfig) -> W.KeyMap:
 def key_map(config: FluxConfig, format: str) -> W.KeyMap:
     """The key map for `format` ("bfl" or "diffusers")."""
     if format not in FORMATS:
-        raise ValueError(f"unknown Flux checkpoint format {format!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown Flux checkpoint format {format!r}; expected one of {FORMATS}")
     return bfl_key_map(config) if format == "bfl" else diffusers_key_map(config)
 
 
@@ -221,7 +222,7 @@ def infer_config(path: str | os.PathLike, **overrides: Any) -> FluxConfig:
     values.update(overrides)
     if "axes_dim" not in values:
         if head_dim not in DEFAULT_AXES_DIM:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: heads are {head_dim} wide, so the rotary split axes_dim cannot be inferred "
                 f"(known: {DEFAULT_AXES_DIM}); pass axes_dim=(...) summing to {head_dim}"
             )

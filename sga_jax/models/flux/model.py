@@ -5,9 +5,15 @@ Modules and attribute names follow BFL's checkpoint (`img_in`, `double_blocks.{i
 parameter path itself and the diffusers map is a short rename table (see `convert.py`).
 
 The 19 double-stream and 38 single-stream blocks are stacked on a leading `layers` axis and run
-by `layers.scan_layers`, so each block type compiles once. The forward can also return the
+by `nn.scan_layers`, so each block type compiles once. The forward can also return the
 image-branch hidden state after one double block (the features SGA aligns), computed in the
 same scanned pass.
+
+With `FluxConfig.lora` set, the linear layers its targets name carry low-rank adapters (one per
+projection of the fused qkv and `linear1`, see `nn.lora`) and every other weight is `nn.Frozen`.
+Layer names for the targets are the parameter paths without `.kernel`: `img_in`,
+`double_blocks.img_attn.qkv` (parts q, k, v), `double_blocks.txt_mlp.0`, `single_blocks.linear1`
+(parts q, k, v, mlp), `single_blocks.modulation.lin`, `final_layer.adaLN_modulation.1`, ...
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import dataclasses
 import math
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
@@ -32,9 +40,10 @@ class FluxConfig(ModelConfig):
     """Hyper-parameters of the Flux transformer: BFL's `FluxParams` plus run settings.
 
     `dtype` is the compute dtype and `param_dtype` the storage dtype (names such as "float32",
-    "bfloat16"); `remat` is a policy of `layers.REMAT_POLICIES`; `attention` one of
-    `layers.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
-    token count, which a 4K image's 16K tokens need; "cudnn" on NVIDIA GPUs).
+    "bfloat16"); `remat` is a policy of `nn.REMAT_POLICIES`; `attention` one of
+    `nn.ATTENTION_IMPLEMENTATIONS` ("chunked" by default: its memory grows linearly with the
+    token count, which a 4K image's 16K tokens need; "cudnn" on NVIDIA GPUs, "splash" on TPUs,
+    whose tile sizes are `splash_block_sizes`).
     """
 
     in_channels: int = 64
@@ -54,31 +63,35 @@ class FluxConfig(ModelConfig):
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "chunked"
+    splash_block_sizes: nn.SplashBlockSizes = nn.SplashBlockSizes()
+    lora: nn.LoRAConfig | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if isinstance(self.lora, dict):  # from to_dict / JSON
+            object.__setattr__(self, "lora", nn.LoRAConfig(**self.lora))
         for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size", "num_heads"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"FluxConfig.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"FluxConfig.{name} must be positive, got {getattr(self, name)}")
         if self.depth < 1 or self.depth_single_blocks < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: block counts must be >= 1, got depth={self.depth}, "
                 f"depth_single_blocks={self.depth_single_blocks}"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
         if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"FluxConfig: sum(axes_dim) = sum({self.axes_dim}) = {sum(self.axes_dim)} must equal the head "
                 f"dimension hidden_size / num_heads = {self.head_dim}"
             )
         odd = [a for a in self.axes_dim if a <= 0 or a % 2]
         if odd:
-            raise ValueError(f"FluxConfig: every rotary axis dimension must be positive and even, got {self.axes_dim}")
+            raise ConfigError(f"FluxConfig: every rotary axis dimension must be positive and even, got {self.axes_dim}")
         if self.mlp_ratio <= 0 or self.mlp_hidden_dim <= 0:
-            raise ValueError(f"FluxConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+            raise ConfigError(f"FluxConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
         self.check_run_settings()
 
     @property
@@ -103,7 +116,7 @@ class FluxConfig(ModelConfig):
     def from_diffusers_config(cls, d: dict[str, Any], **overrides: Any) -> "FluxConfig":
         """Build from a diffusers `FluxTransformer2DModel` config.json dict."""
         if d.get("patch_size", 1) != 1:
-            raise ValueError(f"diffusers Flux config: patch_size {d['patch_size']} is not supported (only 1)")
+            raise ConfigError(f"diffusers Flux config: patch_size {d['patch_size']} is not supported (only 1)")
         heads = d.get("num_attention_heads", 24)
         values = dict(
             in_channels=d.get("in_channels", 64),
@@ -123,7 +136,7 @@ class FluxConfig(ModelConfig):
     def to_diffusers_config(self) -> dict[str, Any]:
         """The diffusers `FluxTransformer2DModel` config for this model (raises if it has none)."""
         if self.mlp_ratio != 4.0 or self.theta != 10_000 or not self.qkv_bias:
-            raise ValueError(
+            raise ConfigError(
                 "diffusers' FluxTransformer2DModel fixes mlp_ratio=4, theta=10000 and qkv_bias=True; this "
                 f"config has mlp_ratio={self.mlp_ratio}, theta={self.theta}, qkv_bias={self.qkv_bias}"
             )
@@ -156,17 +169,27 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 class _Factory:
-    """Creates the layers of one model with its dtypes (keeps module constructors short)."""
+    """Creates the layers of one model with its dtypes and adapters (keeps module constructors short).
 
-    def __init__(self, config: FluxConfig, rngs: nnx.Rngs):
+    `scope(name)` gives the factory of a submodule; a layer's name is its parameter path without
+    `.kernel`, which is what `FluxConfig.lora.targets` match.
+    """
+
+    def __init__(self, config: FluxConfig, rngs: nnx.Rngs, prefix: str = ""):
         self.config = config
         self.rngs = rngs
+        self.prefix = prefix
         self.dtype = nn.dtype_of(config.dtype)
         self.param_dtype = nn.dtype_of(config.param_dtype)
 
-    def linear(self, din: int, dout: int, axes=("embed", "mlp"), use_bias: bool = True) -> nnx.Linear:
+    def scope(self, name: str, rngs: nnx.Rngs | None = None) -> "_Factory":
+        return _Factory(self.config, rngs or self.rngs, f"{self.prefix}{name}.")
+
+    def linear(self, din: int, dout: int, name: str, axes=("embed", "mlp"), use_bias: bool = True,
+               parts: tuple[nn.lora.Part, ...] | None = None) -> nnx.Linear:
         return nn.linear(
-            din, dout, axes, rngs=self.rngs, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype
+            din, dout, axes, rngs=self.rngs, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            lora=self.config.lora, name=self.prefix + name, parts=parts,
         )
 
     def norm(self) -> nnx.LayerNorm:
@@ -180,8 +203,8 @@ class MLPEmbedder(nnx.Module):
 
     def __init__(self, make: _Factory, in_dim: int):
         hidden = make.config.hidden_size
-        self.in_layer = make.linear(in_dim, hidden)
-        self.out_layer = make.linear(hidden, hidden, ("mlp", "embed"))
+        self.in_layer = make.linear(in_dim, hidden, "in_layer")
+        self.out_layer = make.linear(hidden, hidden, "out_layer", ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.out_layer(jax.nn.silu(self.in_layer(x)))
@@ -193,7 +216,7 @@ class Modulation(nnx.Module):
     def __init__(self, make: _Factory, double: bool):
         self.multiplier = 6 if double else 3
         hidden = make.config.hidden_size
-        self.lin = make.linear(hidden, self.multiplier * hidden)
+        self.lin = make.linear(hidden, self.multiplier * hidden, "lin")
 
     def __call__(self, vec: jax.Array) -> list[jax.Array]:
         out = self.lin(jax.nn.silu(vec))[:, None, :]
@@ -214,10 +237,9 @@ class QKNorm(nnx.Module):
 
 def _split_heads(qkv: jax.Array, num_heads: int, norm: QKNorm) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Fused (B, L, 3 * H * D) projections -> QK-normalised q, k and v, each (B, L, H, D)."""
-    b, n, _ = qkv.shape
-    qkv = qkv.reshape(b, n, 3, num_heads, -1)
-    q, k = norm(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return q, k, qkv[:, :, 2]
+    q, k, v = einops.rearrange(qkv, "b n (qkv h d) -> qkv b n h d", qkv=3, h=num_heads)
+    q, k = norm(q, k, v)
+    return q, k, v
 
 
 class SelfAttention(nnx.Module):
@@ -226,9 +248,10 @@ class SelfAttention(nnx.Module):
     def __init__(self, make: _Factory):
         hidden = make.config.hidden_size
         self.num_heads = make.config.num_heads
-        self.qkv = make.linear(hidden, 3 * hidden, ("embed", "heads"), use_bias=make.config.qkv_bias)
+        self.qkv = make.linear(hidden, 3 * hidden, "qkv", ("embed", "heads"), use_bias=make.config.qkv_bias,
+                               parts=(("q", hidden), ("k", hidden), ("v", hidden)))
         self.norm = QKNorm(make)
-        self.proj = make.linear(hidden, hidden, ("heads", "embed"))
+        self.proj = make.linear(hidden, hidden, "proj", ("heads", "embed"))
 
     def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(B, L, hidden) -> normalised q, k and v, each (B, L, H, D)."""
@@ -240,9 +263,9 @@ def _mlp(make: _Factory) -> nnx.List:
     config = make.config
     return nnx.List(
         [
-            make.linear(config.hidden_size, config.mlp_hidden_dim),
+            make.linear(config.hidden_size, config.mlp_hidden_dim, "0"),
             None,
-            make.linear(config.mlp_hidden_dim, config.hidden_size, ("mlp", "embed")),
+            make.linear(config.mlp_hidden_dim, config.hidden_size, "2", ("mlp", "embed")),
         ]
     )
 
@@ -252,31 +275,31 @@ def _run_mlp(mlp: nnx.List, x: jax.Array) -> jax.Array:
 
 
 def _joint_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array], implementation: str
+    q: jax.Array, k: jax.Array, v: jax.Array, rope: tuple[jax.Array, jax.Array], config: FluxConfig
 ) -> jax.Array:
     """RoPE on q and k, attention, heads merged: (B, L, H, D) -> (B, L, H * D)."""
     cos, sin = rope
     q = nn.apply_rope(q, cos, sin, interleaved=True)
     k = nn.apply_rope(k, cos, sin, interleaved=True)
-    out = nn.attention(q, k, v, implementation=implementation)
-    return out.reshape(*out.shape[:2], -1)
+    out = nn.attention(q, k, v, implementation=config.attention, block_sizes=config.splash_block_sizes)
+    return einops.rearrange(out, "b n h d -> b n (h d)")
 
 
 class DoubleStreamBlock(nnx.Module):
     """Separate weights for the image and text streams, joint attention over [txt, img]."""
 
     def __init__(self, make: _Factory):
-        self.attention = make.config.attention
-        self.img_mod = Modulation(make, double=True)
+        self.config = make.config
+        self.img_mod = Modulation(make.scope("img_mod"), double=True)
         self.img_norm1 = make.norm()
-        self.img_attn = SelfAttention(make)
+        self.img_attn = SelfAttention(make.scope("img_attn"))
         self.img_norm2 = make.norm()
-        self.img_mlp = _mlp(make)
-        self.txt_mod = Modulation(make, double=True)
+        self.img_mlp = _mlp(make.scope("img_mlp"))
+        self.txt_mod = Modulation(make.scope("txt_mod"), double=True)
         self.txt_norm1 = make.norm()
-        self.txt_attn = SelfAttention(make)
+        self.txt_attn = SelfAttention(make.scope("txt_attn"))
         self.txt_norm2 = make.norm()
-        self.txt_mlp = _mlp(make)
+        self.txt_mlp = _mlp(make.scope("txt_mlp"))
 
     def __call__(
         self, img: jax.Array, txt: jax.Array, vec: jax.Array, rope: tuple[jax.Array, jax.Array]
@@ -291,7 +314,7 @@ class DoubleStreamBlock(nnx.Module):
             jnp.concatenate([txt_k, img_k], axis=1),
             jnp.concatenate([txt_v, img_v], axis=1),
             rope,
-            self.attention,
+            self.config,
         )
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
@@ -307,20 +330,22 @@ class SingleStreamBlock(nnx.Module):
 
     def __init__(self, make: _Factory):
         config = make.config
-        self.attention = config.attention
+        self.config = config
         self.num_heads = config.num_heads
         self.hidden_size = config.hidden_size
-        self.linear1 = make.linear(config.hidden_size, 3 * config.hidden_size + config.mlp_hidden_dim)
-        self.linear2 = make.linear(config.hidden_size + config.mlp_hidden_dim, config.hidden_size, ("mlp", "embed"))
+        hidden = config.hidden_size
+        self.linear1 = make.linear(hidden, 3 * hidden + config.mlp_hidden_dim, "linear1",
+                                   parts=(("q", hidden), ("k", hidden), ("v", hidden), ("mlp", config.mlp_hidden_dim)))
+        self.linear2 = make.linear(hidden + config.mlp_hidden_dim, hidden, "linear2", ("mlp", "embed"))
         self.norm = QKNorm(make)
         self.pre_norm = make.norm()
-        self.modulation = Modulation(make, double=False)
+        self.modulation = Modulation(make.scope("modulation"), double=False)
 
     def __call__(self, x: jax.Array, vec: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
         shift, scale, gate = self.modulation(vec)
         hidden = self.linear1(_modulate(self.pre_norm(x), shift, scale))
         qkv, mlp = hidden[..., : 3 * self.hidden_size], hidden[..., 3 * self.hidden_size :]
-        attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.attention)
+        attn = _joint_attention(*_split_heads(qkv, self.num_heads, self.norm), rope, self.config)
         return x + gate * self.linear2(jnp.concatenate([attn, nn.gelu_tanh(mlp)], axis=-1))
 
 
@@ -330,8 +355,8 @@ class LastLayer(nnx.Module):
     def __init__(self, make: _Factory):
         config = make.config
         self.norm_final = make.norm()
-        self.linear = make.linear(config.hidden_size, config.out_channels, ("embed", None))
-        self.adaLN_modulation = nnx.List([None, make.linear(config.hidden_size, 2 * config.hidden_size)])
+        self.linear = make.linear(config.hidden_size, config.out_channels, "linear", ("embed", None))
+        self.adaLN_modulation = nnx.List([None, make.linear(config.hidden_size, 2 * config.hidden_size, "adaLN_modulation.1")])
 
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation[1](jax.nn.silu(vec)), 2, axis=-1)
@@ -344,22 +369,28 @@ class Flux(nnx.Module):
     Inputs: img (B, L_img, in_channels) packed latents, img_ids (B, L_img, 3) or (L_img, 3),
     txt (B, L_txt, context_in_dim), txt_ids likewise, timesteps (B,) in [0, 1], y (B, vec_in_dim)
     pooled text, guidance (B,) for guidance-distilled models. Returns (B, L_img, out_channels).
+    With `config.lora`, the weights other than the adapters are `nn.Frozen`.
     """
 
     def __init__(self, config: FluxConfig, *, rngs: nnx.Rngs):
         self.config = config
         make = _Factory(config, rngs)
         hidden = config.hidden_size
-        self.img_in = make.linear(config.in_channels, hidden, (None, "embed"))
-        self.time_in = MLPEmbedder(make, TIME_EMBED_DIM)
-        self.vector_in = MLPEmbedder(make, config.vec_in_dim)
-        self.guidance_in = MLPEmbedder(make, TIME_EMBED_DIM) if config.guidance_embed else None
-        self.txt_in = make.linear(config.context_in_dim, hidden, (None, "embed"))
-        self.double_blocks = nn.stack_layers(lambda r: DoubleStreamBlock(_Factory(config, r)), config.depth, rngs)
+        self.img_in = make.linear(config.in_channels, hidden, "img_in", (None, "embed"))
+        self.time_in = MLPEmbedder(make.scope("time_in"), TIME_EMBED_DIM)
+        self.vector_in = MLPEmbedder(make.scope("vector_in"), config.vec_in_dim)
+        self.guidance_in = MLPEmbedder(make.scope("guidance_in"), TIME_EMBED_DIM) if config.guidance_embed else None
+        self.txt_in = make.linear(config.context_in_dim, hidden, "txt_in", (None, "embed"))
+        self.double_blocks = nn.stack_layers(lambda r: DoubleStreamBlock(make.scope("double_blocks", r)), config.depth, rngs)
         self.single_blocks = nn.stack_layers(
-            lambda r: SingleStreamBlock(_Factory(config, r)), config.depth_single_blocks, rngs
+            lambda r: SingleStreamBlock(make.scope("single_blocks", r)), config.depth_single_blocks, rngs
         )
-        self.final_layer = LastLayer(make)
+        self.final_layer = LastLayer(make.scope("final_layer"))
+        if config.lora is not None:
+            if not any(True for _ in nn.adapted_layers(self)):
+                raise ValueError(f"FluxConfig.lora.targets {config.lora.targets} match no layer of Flux "
+                                 f"(names such as 'double_blocks.img_attn.qkv', 'single_blocks.linear1.q')")
+            nn.freeze(self)
 
     def __call__(
         self,

@@ -1,5 +1,6 @@
 """Scaled dot-product attention: the one entry point every model uses, with its implementations
-(`xla`, `chunked` in plain JAX with a FlashAttention-style backward, and cuDNN's fused kernel)."""
+(`xla`, `chunked` in plain JAX with a FlashAttention-style backward, cuDNN's fused kernel on NVIDIA
+GPUs and the Pallas splash kernel on TPUs)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from sga_jax.models.nn.splash import SplashBlockSizes, splash_attention
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
+MASK_FREE_IMPLEMENTATIONS = ("chunked", "splash")  # take no bias, mask or is_causal
+MASKING_IMPLEMENTATIONS = tuple(i for i in ATTENTION_IMPLEMENTATIONS if i not in MASK_FREE_IMPLEMENTATIONS)
 CHUNKED_QUERY_BLOCK = 128
 
 
@@ -23,6 +27,7 @@ def attention(
     scale: float | None = None,
     is_causal: bool = False,
     implementation: str = "xla",
+    block_sizes: SplashBlockSizes | None = None,
 ) -> jax.Array:
     """Multi-head scaled dot-product attention, the one entry point every model uses.
 
@@ -34,8 +39,11 @@ def attention(
       is_causal: apply a causal mask (CLIP's text encoder).
       implementation: "xla" (portable, materialises the (B, H, Lq, Lk) logits), "chunked" (portable
         and memory-efficient: `CHUNKED_QUERY_BLOCK` queries at a time, never stores probabilities
-        for the backward pass; no bias or mask) or "cudnn" (fused flash attention on NVIDIA GPUs,
-        bf16/fp16).
+        for the backward pass; no bias or mask), "cudnn" (fused flash attention on NVIDIA GPUs,
+        bf16/fp16) or "splash" (the Pallas TPU kernel, `nn.splash`; Pallas interpret mode on CPUs;
+        no bias or mask).
+      block_sizes: the splash kernel's tile sizes (default `SplashBlockSizes()`); other
+        implementations ignore them.
     Returns:
       (B, Lq, H, D) in the dtype of `q`.
     """
@@ -45,12 +53,14 @@ def attention(
         )
     if implementation == "xla":
         return _xla_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
+    if implementation in MASK_FREE_IMPLEMENTATIONS and (bias is not None or mask is not None or is_causal):
+        raise ValueError(
+            f'attention implementation "{implementation}" takes no bias, mask or is_causal; use "xla" for those'
+        )
     if implementation == "chunked":
-        if bias is not None or mask is not None or is_causal:
-            raise ValueError(
-                'attention implementation "chunked" takes no bias, mask or is_causal; use "xla" for those'
-            )
         return _chunked_attention(q, k, v, scale=scale)
+    if implementation == "splash":
+        return splash_attention(q, k, v, scale=scale, block_sizes=block_sizes)
     return jax.nn.dot_product_attention(
         q,
         k,

@@ -9,6 +9,20 @@ from flax import nnx
 from sga_jax.models.nn.params import Dtype, logical
 
 
+def _norm_settings(eps: float, dtype: Dtype, param_dtype: Dtype, axis_name: str | None, rngs: nnx.Rngs) -> dict:
+    """Keyword arguments LayerNorm and GroupNorm share: exact (two-pass) float32 variance, dtypes,
+    and a scale of ones / bias of zeros along the logical axis `axis_name`."""
+    return dict(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nnx.initializers.ones_init(), (axis_name,)),
+        bias_init=logical(nnx.initializers.zeros_init(), (axis_name,)),
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
 def layer_norm(
     dim: int,
     *,
@@ -20,18 +34,7 @@ def layer_norm(
     axis_name: str | None = "embed",
 ) -> nnx.LayerNorm:
     """LayerNorm over the last axis (statistics in float32); `affine=False` has no parameters."""
-    return nnx.LayerNorm(
-        dim,
-        epsilon=eps,
-        use_bias=affine,
-        use_scale=affine,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=logical(nnx.initializers.ones_init(), (axis_name,)),
-        bias_init=logical(nnx.initializers.zeros_init(), (axis_name,)),
-        use_fast_variance=False,
-        rngs=rngs,
-    )
+    return nnx.LayerNorm(dim, use_bias=affine, use_scale=affine, **_norm_settings(eps, dtype, param_dtype, axis_name, rngs))
 
 
 def group_norm(
@@ -44,17 +47,7 @@ def group_norm(
     param_dtype: Dtype = jnp.float32,
 ) -> nnx.GroupNorm:
     """GroupNorm over channels-last features with a learned per-channel scale and bias."""
-    return nnx.GroupNorm(
-        dim,
-        num_groups=num_groups,
-        epsilon=eps,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=logical(nnx.initializers.ones_init(), ("conv_out",)),
-        bias_init=logical(nnx.initializers.zeros_init(), ("conv_out",)),
-        use_fast_variance=False,
-        rngs=rngs,
-    )
+    return nnx.GroupNorm(dim, num_groups=num_groups, **_norm_settings(eps, dtype, param_dtype, "conv_out", rngs))
 
 
 class RMSNorm(nnx.Module):

@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.models.nn.lora import WHOLE, LoRAConfig, LoRALinear, Part
+
 
 Axes = tuple[str | None, ...]
 Dtype = Any
@@ -36,17 +38,39 @@ def linear(
     dtype: Dtype = None,
     param_dtype: Dtype = jnp.float32,
     kernel_init: Callable = nnx.initializers.lecun_normal(),
+    lora: LoRAConfig | None = None,
+    name: str = "",
+    parts: Sequence[Part] | None = None,
 ) -> nnx.Linear:
-    """A dense layer whose kernel (in, out) and bias (out,) carry logical axis names."""
-    return nnx.Linear(
-        in_features,
-        out_features,
+    """A dense layer whose kernel (in, out) and bias (out,) carry logical axis names.
+
+    With `lora`, a layer whose `name` (or one of whose `parts`, see `LoRAConfig.adapted_parts`) the
+    targets select is a `LoRALinear`: the same kernel and bias plus adapters A (in, rank) and B
+    (rank, part) with the kernel's input and output axis names (A is Gaussian with std 1 / rank and B
+    zero, PEFT's "gaussian" start, so the layer starts as the base). `parts`: the (name, size) of the
+    projections a fused layer's output concatenates; default one part covering all outputs.
+    """
+    common = dict(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=logical(kernel_init, axes),
         bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,
+    )
+    parts = tuple(parts) if parts is not None else ((WHOLE, out_features),)
+    adapted = lora.adapted_parts(name, parts) if lora is not None else ()
+    if not adapted:
+        return nnx.Linear(in_features, out_features, **common)
+    return LoRALinear(
+        in_features,
+        out_features,
+        parts=parts,
+        adapted=adapted,
+        lora=lora,
+        a_init=logical(nnx.initializers.normal(stddev=1.0 / lora.rank), (axes[0], None)),
+        b_init=logical(nnx.initializers.zeros_init(), (None, axes[1])),
+        **common,
     )
 
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.models.nn.lora import dropout_rng, next_dropout_key
+
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -58,14 +60,17 @@ def scan_layers(
     """Run `carry = body(layer, carry, index)` over a stack built by `stack_layers`, with lax.scan.
 
     The block compiles once whatever the depth; `index` is the layer number (an int32 scalar), for
-    bodies that act at one chosen layer (e.g. a hidden-state tap).
+    bodies that act at one chosen layer (e.g. a hidden-state tap). Inside a `lora.dropout_rng`
+    block, each layer's adapters draw their dropout keys from a key folded with the layer number.
     """
     graphdef, state = nnx.split(stacked)
     count = jax.tree.leaves(state)[0].shape[0]
+    dropout_key = next_dropout_key()
 
     def step(carry: Any, inputs: tuple[Any, jax.Array]) -> tuple[Any, None]:
         layer_state, index = inputs
-        return body(nnx.merge(graphdef, layer_state), carry, index), None
+        with dropout_rng(None if dropout_key is None else jax.random.fold_in(dropout_key, index)):
+            return body(nnx.merge(graphdef, layer_state), carry, index), None
 
     carry, _ = jax.lax.scan(remat(step, remat_policy), carry, (state, jnp.arange(count, dtype=jnp.int32)))
     return carry

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models import hf
 from sga_jax.models.sam2.model import Sam2Hiera, Sam2HieraConfig
 
@@ -105,5 +106,5 @@ def to_hf_config(config: Sam2HieraConfig) -> dict[str, Any]:
 def save(model: Sam2Hiera, path: str | os.PathLike, format: str = "hf", *, dtype: Any = None) -> list[Path]:
     """Write a `Sam2HieraDetModel` save_pretrained-style directory that transformers loads."""
     if format not in FORMATS:
-        raise ValueError(f"SAM2 save: format {format!r} is not one of {FORMATS}")
+        raise ConfigError(f"SAM2 save: format {format!r} is not one of {FORMATS}")
     return hf.save_pretrained(path, to_hf_config(model.config), model, key_map(model.config), dtype=dtype)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
@@ -64,29 +66,29 @@ class Sam2HieraConfig(ModelConfig):
         stages = len(self.blocks_per_stage)
         for name in ("embed_dim_per_stage", "num_attention_heads_per_stage", "window_size_per_stage"):
             if len(getattr(self, name)) != stages:
-                raise ValueError(f"Sam2HieraConfig.{name} has {len(getattr(self, name))} entries, expected {stages} (one per stage)")
+                raise ConfigError(f"Sam2HieraConfig.{name} has {len(getattr(self, name))} entries, expected {stages} (one per stage)")
         if self.embed_dim_per_stage[0] != self.hidden_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Sam2HieraConfig: hidden_size {self.hidden_size} must equal embed_dim_per_stage[0] {self.embed_dim_per_stage[0]}"
             )
         if self.query_stride[0] != self.query_stride[1]:
-            raise ValueError(f"Sam2HieraConfig: query_stride {self.query_stride} must be square")
+            raise ConfigError(f"Sam2HieraConfig: query_stride {self.query_stride} must be square")
         if not 0 <= self.num_query_pool_stages < stages:
-            raise ValueError(f"Sam2HieraConfig: num_query_pool_stages {self.num_query_pool_stages} must be below {stages}")
+            raise ConfigError(f"Sam2HieraConfig: num_query_pool_stages {self.num_query_pool_stages} must be below {stages}")
         for s in range(1, stages):
             pooled = s <= self.num_query_pool_stages
             if pooled and self.embed_dim_per_stage[s] == self.embed_dim_per_stage[s - 1]:
-                raise ValueError(f"Sam2HieraConfig: query-pooling stage {s} must change the width (as Hiera does)")
+                raise ConfigError(f"Sam2HieraConfig: query-pooling stage {s} must change the width (as Hiera does)")
             if pooled and self.window_size_per_stage[s - 1] % self.query_stride[0]:
-                raise ValueError(
+                raise ConfigError(
                     f"Sam2HieraConfig: window {self.window_size_per_stage[s - 1]} of stage {s - 1} is not a multiple "
                     f"of the query stride {self.query_stride[0]}"
                 )
         for dim, heads in zip(self.embed_dim_per_stage, self.num_attention_heads_per_stage):
             if dim % heads:
-                raise ValueError(f"Sam2HieraConfig: width {dim} is not divisible by {heads} heads")
+                raise ConfigError(f"Sam2HieraConfig: width {dim} is not divisible by {heads} heads")
         if any(b >= sum(self.blocks_per_stage) for b in self.global_attention_blocks):
-            raise ValueError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
+            raise ConfigError(f"Sam2HieraConfig: global_attention_blocks {self.global_attention_blocks} beyond the last block")
         nn.activation(self.hidden_act)
         self.check_run_settings()
 
@@ -137,7 +139,7 @@ class Sam2HieraConfig(ModelConfig):
             hf = hf["backbone_config"]
             model_type = hf.get("model_type")
         if model_type != "sam2_hiera_det_model":
-            raise ValueError(f"config.json: model_type {model_type!r} is not a SAM2 model")
+            raise ConfigError(f"config.json: model_type {model_type!r} is not a SAM2 model")
         pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
         pairs = {"image_size", "patch_kernel_size", "patch_stride", "patch_padding", "query_stride",
                  "window_positional_embedding_background_size"}
@@ -162,27 +164,22 @@ class Sam2HieraConfig(ModelConfig):
 
 def max_pool(x: jax.Array, stride: int) -> jax.Array:
     """stride x stride max pooling of (B, H, W, C), dropping an incomplete last row/column."""
-    b, h, w, c = x.shape
-    h, w = h // stride, w // stride
-    x = x[:, : h * stride, : w * stride].reshape(b, h, stride, w, stride, c)
-    return x.max(axis=(2, 4))
+    h, w = x.shape[1] // stride * stride, x.shape[2] // stride * stride
+    return einops.reduce(x[:, :h, :w], "b (h sh) (w sw) c -> b h w c", "max", sh=stride, sw=stride)
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
     """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padding H and W up to multiples."""
-    b, h, w, c = x.shape
+    h, w = x.shape[1:3]
     hp, wp = h + (-h) % window, w + (-w) % window
     x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-    x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, c), (hp, wp)
+    return einops.rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window, ww=window), (hp, wp)
 
 
 def window_unpartition(windows: jax.Array, window: int, padded: tuple[int, int], size: tuple[int, int]) -> jax.Array:
     """Inverse of `window_partition`: back to (B, H, W, C) with the padding cropped."""
-    hp, wp = padded
-    nh, nw = hp // window, wp // window
-    x = windows.reshape(-1, nh, nw, window, window, windows.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, hp, wp, windows.shape[-1])[:, : size[0], : size[1]]
+    x = einops.rearrange(windows, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=padded[0] // window, nw=padded[1] // window)
+    return x[:, : size[0], : size[1]]
 
 
 class MultiScaleAttention(nnx.Module):
@@ -197,15 +194,14 @@ class MultiScaleAttention(nnx.Module):
         self.proj = nn.linear(dim_out, dim_out, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, -1)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        h, w = x.shape[1:3]
+        q, k, v = einops.rearrange(self.qkv(x), "b h w (qkv n d) -> qkv b (h w) n d", qkv=3, n=self.heads)
         if self.pool > 1:
-            q = max_pool(q.reshape(b, h, w, -1), self.pool)
+            q = max_pool(einops.rearrange(q, "b (h w) n d -> b h w (n d)", h=h), self.pool)
             h, w = q.shape[1:3]
-            q = q.reshape(b, h * w, self.heads, -1)
+            q = einops.rearrange(q, "b h w (n d) -> b (h w) n d", n=self.heads)
         out = nn.attention(q, k, v, implementation=self.implementation)
-        return self.proj(out.reshape(b, h, w, -1))
+        return self.proj(einops.rearrange(out, "b (h w) n d -> b h w (n d)", h=h))
 
 
 class FeedForward(nnx.Module):
@@ -325,7 +321,7 @@ class Sam2Hiera(nnx.Module):
                 f"SAM2 Hiera: the stride-{self.config.patch_stride[0]} grid {size} must be a multiple of the "
                 f"window position embedding {(wh, ww)} (input sides multiples of {self.config.stride} always are)"
             )
-        background = nn.resize_bicubic_torch(self.pos_embed[...].astype(jnp.float32), size).astype(window.dtype)
+        background = nn.resize_torch(self.pos_embed[...].astype(jnp.float32), size, "bicubic").astype(window.dtype)
         return background + jnp.tile(window, (1, size[0] // wh, size[1] // ww, 1))
 
     def __call__(self, pixel_values: jax.Array, *, all_stages: bool = False) -> jax.Array | tuple[jax.Array, ...]:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models.t5.model import T5Config, T5EncoderModel
 
 FORMATS = ("transformers",)
@@ -121,7 +122,7 @@ def save(model: T5EncoderModel, path: str | os.PathLike, format: str = "transfor
     `encoder.embed_tokens` to `shared`, so only `shared.weight` is written. Returns the files written.
     """
     if format not in FORMATS:
-        raise ValueError(f"T5 export format {format!r} is not one of {FORMATS}")
+        raise ConfigError(f"T5 export format {format!r} is not one of {FORMATS}")
     config: T5Config = model.config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

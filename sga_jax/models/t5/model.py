@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 
@@ -67,18 +68,18 @@ class T5Config(ModelConfig):
     param_dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
-    attention_implementations = ("xla", "cudnn")  # "chunked" takes no relative-position bias and padding mask
+    attention_implementations = nn.MASKING_IMPLEMENTATIONS  # relative-position bias and padding mask
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                                  "relative_attention_num_buckets", "relative_attention_max_distance")
         if self.relative_attention_num_buckets < 4:
-            raise ValueError(
+            raise ConfigError(
                 f"T5Config.relative_attention_num_buckets must be >= 4 (two directions, exact and log "
                 f"buckets), got {self.relative_attention_num_buckets}"
             )
         if self.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"T5Config.dense_act_fn {self.dense_act_fn!r} is not one of {_ACTIVATIONS}")
+            raise ConfigError(f"T5Config.dense_act_fn {self.dense_act_fn!r} is not one of {_ACTIVATIONS}")
         self.check_run_settings()
 
     @classmethod
@@ -97,7 +98,7 @@ class T5Config(ModelConfig):
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "T5Config":
         """Build from a transformers `config.json` dict (model_type "t5")."""
         if hf.get("model_type", "t5") != "t5":
-            raise ValueError(f"not a T5 config: model_type={hf.get('model_type')!r}")
+            raise ConfigError(f"not a T5 config: model_type={hf.get('model_type')!r}")
         # As transformers' T5Config: both come from feed_forward_proj ("relu", "gated-gelu", ...),
         # and "gated-gelu" means the tanh approximation.
         projection = hf.get("feed_forward_proj", "relu")
@@ -122,7 +123,7 @@ class T5Config(ModelConfig):
         if self.is_gated_act and self.dense_act_fn in ("gelu_new", "gelu_pytorch_tanh"):
             return "gated-gelu"
         if self.is_gated_act and self.dense_act_fn == "gelu":
-            raise ValueError("transformers' T5Config cannot express a gated exact-GELU feed-forward")
+            raise ConfigError("transformers' T5Config cannot express a gated exact-GELU feed-forward")
         return ("gated-" if self.is_gated_act else "") + self.dense_act_fn
 
     def to_hf_config(self) -> dict[str, Any]:

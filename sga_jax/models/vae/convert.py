@@ -25,6 +25,7 @@ import jax
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.errors import ConfigError
 from sga_jax.models.vae.model import AutoEncoder, AutoEncoderConfig
 
 FORMATS = ("bfl", "diffusers")
@@ -60,7 +61,7 @@ def key_map(params: nnx.State, fmt: str, levels: int) -> dict[str, W.Rule]:
     """{our dotted parameter path: Rule} for `fmt` ("bfl" or "diffusers"), built from a (possibly
     abstract) parameter state of a model with `levels` resolution levels."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown VAE checkpoint format {fmt!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown VAE checkpoint format {fmt!r}; expected one of {FORMATS}")
     rules = {}
     for name, var in W.flat_params(params).items():
         module, leaf = name.rsplit(".", 1)
@@ -223,7 +224,7 @@ def save(model: AutoEncoder, path: str | os.PathLike, format: str = "bfl", *, dt
     """
     config = model.config
     if format not in FORMATS:
-        raise ValueError(f"unknown VAE export format {format!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown VAE export format {format!r}; expected one of {FORMATS}")
     path = Path(path)
     params = nnx.state(model, nnx.Param)
     rules = key_map(params, format, len(config.ch_mult))
@@ -232,7 +233,7 @@ def save(model: AutoEncoder, path: str | os.PathLike, format: str = "bfl", *, dt
         target = path if path.suffix == ".safetensors" else path / BFL_FILENAME
         return W.save_state(target, params, rules, dtype=dtype, metadata=metadata)
     if config.norm_eps != 1e-6:
-        raise ValueError(f"diffusers' AutoencoderKL fixes GroupNorm eps at 1e-6; this model has norm_eps={config.norm_eps}")
+        raise ConfigError(f"diffusers' AutoencoderKL fixes GroupNorm eps at 1e-6; this model has norm_eps={config.norm_eps}")
     if config.f16:
         log.warning("%s: diffusers' AutoencoderKL runs these F16 weights as an F8 VAE (no stride-2 conv_in)", path)
     path.mkdir(parents=True, exist_ok=True)

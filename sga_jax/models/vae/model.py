@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError
 from sga_jax.models import nn
 from sga_jax.models.config import ModelConfig
 from sga_jax.models.vae import tiling
@@ -88,7 +89,7 @@ class AutoEncoderConfig(ModelConfig):
         if self.tile_threshold is not None and self.tile_threshold < 1:
             problems.append(f"tile_threshold must be positive or None, got {self.tile_threshold}")
         if problems:
-            raise ValueError("AutoEncoderConfig: " + "; ".join(problems))
+            raise ConfigError("AutoEncoderConfig: " + "; ".join(problems))
 
     @classmethod
     def flux(cls, **overrides: Any) -> "AutoEncoderConfig":

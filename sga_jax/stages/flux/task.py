@@ -10,11 +10,15 @@ place, or none (vanilla fine-tuning).
 Only Flux and the head train. The VAE, the prior and the text encoders are frozen: they live in
 the frozen module (no gradients, no optimizer state, sharded by the same rules) and are loaded from
 the weight paths in the config, or randomly initialised when a path is empty (the demo, which says
-so). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
+so). With `config.lora.rank` > 0 Flux trains low-rank adapters only (`nn.lora`): its base weights
+are `nn.Frozen` (in `config.lora.base_dtype`), loaded from `config.model.flux.weights` on every
+start with the frozen state, so gradients, optimizer state and checkpoints hold the adapters and
+the head alone; `export` then writes LoRA files (`lora`: diffusers / PEFT, `lora-kohya`: kohya /
+ComfyUI) or the merged model (`diffusers`, `bfl`). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
 written by `python -m sga_jax.encode` (`config.data.caption_cache`).
 
 Config: see `configs/flux_sga.py`; the task's own section is `config.model` (the networks and
-their weights), `config.objective`, `config.align` and `config.sample`.
+their weights), `config.objective`, `config.align`, `config.lora` and `config.sample`.
 """
 
 from __future__ import annotations
@@ -34,21 +38,24 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sga_jax import parallel, sample
-from sga_jax.weights import converted
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
 from sga_jax.data.pipeline import make_pipeline
-from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
-from sga_jax.models import clip, flux, t5, vae
-from sga_jax.text import encode_tokens, load_tokenizer, tokenize
+from sga_jax.errors import ConfigError
+from sga_jax.models import clip, flux, nn, t5, vae
+from sga_jax.models.flux import lora as flux_lora
+from sga_jax.text import encode_tokens, load_tokenizer, resolve_paths, tokenize
+from sga_jax.weights import converted
 from sga_jax.stages import common
 from sga_jax.stages.flux import flow_matching as fm
 from sga_jax.train import plots
+from sga_jax.train.state import FrozenState
 
 log = logging.getLogger(__name__)
 
 ALIGN_METHODS = ("sga", "irepa", "repa", "none")
 OBJECTIVES = ("fm", "wlf")
+LORA_FORMATS = {"lora": "diffusers", "lora-kohya": "kohya"}  # export format -> flux.lora layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +92,7 @@ class FrozenModels(nnx.Module):
 def _latent_grid(ae_config: vae.AutoEncoderConfig, height: int, width: int) -> tuple[int, int]:
     factor = ae_config.downsample_factor
     if height % (2 * factor) or width % (2 * factor):
-        raise ValueError(
+        raise ConfigError(
             f"image {height}x{width} must be a multiple of {2 * factor} px (VAE factor {factor} x Flux's 2x2 packing); "
             "set config.data.buckets.multiple accordingly"
         )
@@ -103,16 +110,25 @@ class FluxSGATask:
         compute = config.precision.compute_dtype
         flux_config = dataclasses.replace(common.model_config(m.flux, flux.FluxConfig, "flux"), dtype=compute,
                                           param_dtype="float32", remat=m.flux.get("remat", "none"),
-                                          attention=m.get("attention", "chunked"))
+                                          attention=m.get("attention", "chunked"),
+                                          splash_block_sizes=nn.SplashBlockSizes(**m.get("splash_block_sizes", {})))
+        lora = config.get("lora")
+        if lora is not None and int(lora.rank) > 0:
+            adapters = nn.LoRAConfig(rank=int(lora.rank), alpha=float(lora.alpha) or None, dropout=float(lora.dropout),
+                                     targets=tuple(lora.targets))
+            flux_config = dataclasses.replace(flux_config, param_dtype=lora.base_dtype, lora=adapters)
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
         prior_kind = m.prior.kind
         if prior_kind not in common.PRIOR_MODELS:
-            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
-        prior_cls = common.PRIOR_MODELS[prior_kind][0]
-        prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
-                                           dtype=frozen_dtype, param_dtype=frozen_dtype)
+            raise ConfigError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
+        prior_config = None  # no prior without alignment (its weights are then never fetched)
+        if config.align.method != "none":
+            prior_cls = common.PRIOR_MODELS[prior_kind][0]
+            prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
+                                               dtype=frozen_dtype, param_dtype=frozen_dtype,
+                                               attention=m.prior.get("attention", "xla"))
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
@@ -120,20 +136,20 @@ class FluxSGATask:
             t5_config = t5.T5Config.from_hf_config(_hf_config(self.text_paths["t5"]), **text_dtype)
             clip_config = clip.ClipTextConfig.from_hf_config(_hf_config(self.text_paths["clip"]), **text_dtype)
             if t5_config.d_model != flux_config.context_in_dim:
-                raise ValueError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
+                raise ConfigError(f"T5 width {t5_config.d_model} != Flux context_in_dim {flux_config.context_in_dim}")
             if clip_config.hidden_size != flux_config.vec_in_dim:
-                raise ValueError(f"CLIP width {clip_config.hidden_size} != Flux vec_in_dim {flux_config.vec_in_dim}")
+                raise ConfigError(f"CLIP width {clip_config.hidden_size} != Flux vec_in_dim {flux_config.vec_in_dim}")
         if vae_config.z_channels * 4 != flux_config.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"VAE latent channels {vae_config.z_channels} x 4 (2x2 packing) != Flux in_channels {flux_config.in_channels}"
             )
         align = config.align
         if align.method not in ALIGN_METHODS:
-            raise ValueError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
+            raise ConfigError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
         if align.method != "none" and not 0 <= align.block < flux_config.depth:
-            raise ValueError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
+            raise ConfigError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
         if config.objective.kind not in OBJECTIVES:
-            raise ValueError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
+            raise ConfigError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
         self.config = config
         self.networks = Networks(flux_config, vae_config, prior_kind, prior_config, t5_config, clip_config)
 
@@ -163,44 +179,69 @@ class FluxSGATask:
         """(trainable Flux + head, frozen VAE / prior / text encoders), randomly initialised."""
         return FluxWithHead(self.networks.flux, self._head(rngs), rngs=rngs), self._frozen(rngs)
 
+    @property
+    def lora(self) -> bool:
+        """Whether Flux trains LoRA adapters only (`config.lora.rank` > 0)."""
+        return self.networks.flux.lora is not None
+
     def load_pretrained(self, params: dict, shardings: dict) -> dict:
-        """Replace the random Flux parameters with `config.model.flux.weights` when it is set."""
-        path = self.config.model.flux.get("weights", "")
-        if not path:
+        """Replace the random Flux parameters with `config.model.flux.weights` when it is set (a LoRA
+        run's adapters keep their start, B = 0; its base weights load with the frozen state)."""
+        if self.lora:
+            return params
+        path = common.weights_path(self.config.model.flux, "flux")
+        if path is None:
             log.warning("config.model.flux.weights is empty: Flux starts from RANDOM weights")
             return params
-        model = converted.load_model("flux", path, shardings=shardings["flux"], dtype=self.networks.flux.dtype,
-                                   param_dtype="float32", remat=self.networks.flux.remat)
-        return {**params, "flux": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+        return {**params, "flux": self._flux_weights(path, shardings["flux"], "float32")}
 
-    def load_frozen(self, abstract: dict, shardings: dict) -> dict:
+    def _flux_weights(self, path: str, shardings: dict | None, param_dtype: str) -> dict:
+        """The pure dict of a Flux checkpoint's weights (any format `converted.load_model` reads)."""
+        model = converted.load_model("flux", path, shardings=shardings, dtype=self.networks.flux.dtype,
+                                     param_dtype=param_dtype, remat=self.networks.flux.remat)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def load_frozen(self, abstract: FrozenState, shardings: FrozenState) -> FrozenState:
         """Frozen weights from their paths, each streamed into its shardings; parts without a path
-        are randomly initialised from the seed (only those: XLA drops the others' initialisers)."""
+        are randomly initialised from the seed (only those: XLA drops the others' initialisers). A
+        LoRA run's base Flux (`abstract.trainable["flux"]`) is one more part, from `config.model.flux.weights`."""
         m = self.config.model
-        paths = {"vae": m.vae.get("weights", "")}
-        if abstract.get("prior") is not None:
-            paths["prior"] = m.prior.get("weights", "")
+        paths = {"vae": common.weights_path(m.vae, "vae")}
+        if abstract.module.get("prior") is not None:
+            paths["prior"] = common.weights_path(m.prior, self.networks.prior_kind)
         if self.text_paths is not None:
-            paths["t5"], paths["clip"] = str(self.text_paths["t5"]), str(self.text_paths["clip"])
-        state = {name: None for name in abstract}
-        random_parts = [name for name, path in paths.items() if not path]
+            paths["t5"], paths["clip"] = self.text_paths["t5"], self.text_paths["clip"]
+        if self.lora:
+            paths["flux"] = common.weights_path(m.flux, "flux")
+
+        def part_shardings(name: str) -> dict:
+            return shardings.trainable[name] if name == "flux" else shardings.module[name]
+
+        random_parts = [name for name, path in paths.items() if path is None]
+        loaded = {}
         if random_parts:
             for name in random_parts:
                 log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
 
             def init(key: jax.Array) -> dict:
-                full = nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
+                rngs = nnx.Rngs(key)
+                full = nnx.to_pure_dict(nnx.split(self._frozen(rngs))[1])
+                if "flux" in random_parts:
+                    full["flux"] = nnx.to_pure_dict(nnx.state(flux.Flux(self.networks.flux, rngs=rngs), nn.Frozen))
                 return {name: full[name] for name in random_parts}
 
-            out_shardings = {name: shardings[name] for name in random_parts}
-            state.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
+            out_shardings = {name: part_shardings(name) for name in random_parts}
+            loaded.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
         for name, path in paths.items():
-            if path:
-                state[name] = self._load_frozen_part(name, path, shardings[name])
-        return state
+            if path is not None:
+                loaded[name] = self._load_frozen_part(name, path, part_shardings(name))
+        trainable = {"flux": loaded.pop("flux")} if self.lora else {}
+        return FrozenState(trainable=trainable, module={name: loaded.get(name) for name in abstract.module})
 
-    def _load_frozen_part(self, name: str, path: str, shardings: dict) -> dict:
+    def _load_frozen_part(self, name: str, path: Path, shardings: dict) -> dict:
         """One frozen network's variables from `path` (public format or converted directory)."""
+        if name == "flux":
+            return self._flux_weights(path, shardings, self.networks.flux.param_dtype)
         dtype = self.config.text.dtype if name in ("t5", "clip") else self.config.model.get("frozen_dtype", "float32")
         overrides = {"dtype": dtype, "param_dtype": dtype}
         if name == "vae":
@@ -229,7 +270,8 @@ class FluxSGATask:
         guidance = jnp.full((b,), config.guidance, jnp.float32) if self.networks.flux.guidance_embed else None
         method = config.align.method
         tap = None if method == "none" else int(config.align.block)
-        out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
+        with nn.dropout_rng(jax.random.fold_in(rng, 2)):  # adapter dropout (LoRA runs with config.lora.dropout)
+            out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
         velocity, hidden = (out, None) if tap is None else out
         velocity = velocity.astype(jnp.float32)
         weights = common.example_weights(batch, b)
@@ -268,13 +310,31 @@ class FluxSGATask:
         txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch, mask_t5=self.config.text.mask_t5)
         return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
 
-    export_formats = ("diffusers", "bfl")
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        """Flux in diffusers' or BFL's layout; a LoRA run also its adapters as LoRA files."""
+        return ("diffusers", "bfl") + (tuple(LORA_FORMATS) if self.lora else ())
 
     def export(self, read: Callable[[str, Any], dict], out: str | Path, *, format: str, dtype: str | None) -> None:
-        """Write the trained Flux (the head is training-only) with `flux.save` in `format`."""
-        graphdef, weights = nnx.split(flux.abstract_model(self.networks.flux), nnx.Param)
+        """Write the trained Flux (the head is training-only) with `flux.save` in `format`; for a
+        LoRA run, `lora` / `lora-kohya` write its adapters (`flux.lora.write`) and `diffusers` /
+        `bfl` the base from `config.model.flux.weights` with the adapters merged in."""
+        graphdef, weights, base = nnx.split(flux.abstract_model(self.networks.flux), nnx.Param, nn.Frozen)
         nnx.replace_by_pure_dict(weights, read("flux", nnx.to_pure_dict(weights)))
-        flux.save(nnx.merge(graphdef, weights), out, format=format, dtype=dtype)
+        if format in LORA_FORMATS:
+            model = nnx.merge(graphdef, weights, base)  # the base stays abstract: a LoRA file needs the adapters only
+            flux_lora.write(flux_lora.from_model(model), model.config, out, LORA_FORMATS[format], dtype=dtype)
+            return
+        if self.lora:
+            path = self.config.model.flux.get("weights", "")
+            if not path:
+                raise ValueError("a merged export needs the LoRA's base weights, but this run's "
+                                 "config.model.flux.weights is empty (its base was random)")
+            nnx.replace_by_pure_dict(base, self._flux_weights(path, None, self.networks.flux.param_dtype))
+            model = flux_lora.merged(nnx.merge(graphdef, weights, base))
+        else:
+            model = nnx.merge(graphdef, weights, base)
+        flux.save(model, out, format=format, dtype=dtype)
 
     plan_levers = {"remat": "model.flux.remat", "attention": "model.attention"}
 
@@ -298,7 +358,7 @@ class FluxSGATask:
 
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
         """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
-        return StageBatches(config, mesh, seed=seed)
+        return StageBatches(config, mesh, seed=seed, text_paths=self.text_paths)
 
     def sample(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
         """Sample `config.sample.prompts` with the Euler sampler, decode with the VAE, save a grid
@@ -353,12 +413,13 @@ def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool)
 class StageBatches:
     """Batches for the step: images as global arrays, captions tokenised (or cached embeddings)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int,
+                 text_paths: dict[str, Path] | None):
         self.task_config = config
         self.mesh = mesh
         self.rules = parallel.resolve_rules(config.sharding_rules)
         self.pipeline = make_pipeline(config.data, seed=seed)
-        self.tokenizers = None if config.data.caption_cache else _tokenizers(resolve_paths(config.text))
+        self.tokenizers = None if text_paths is None else _tokenizers(text_paths)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self

@@ -1,6 +1,6 @@
-"""Trained weights back out: `python -m sga_jax.train.export --workdir RUN --out DIR [--format F]`.
+"""Trained weights back out (`python -m sga_jax.train.export`, see its `__main__`).
 
-Reads a training checkpoint of a run (the latest, or `--step`; the EMA parameters with `--ema`)
+`export_run` reads a training checkpoint of a run (the latest, or `--step`; the EMA parameters with `--ema`)
 and hands the parameters to the run's task, which writes them in one of its `export_formats`
 (stage 2: Flux in diffusers' layout, loaded by `FluxTransformer2DModel.from_pretrained`, or BFL's
 `flux1-dev.safetensors` names). Only the parameters the task asks for are read from the checkpoint
@@ -14,9 +14,7 @@ dict of parameters `params[name]` (or `ema[name]`) of the checkpoint, shaped lik
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sga_jax.errors import CheckpointError, ConfigError
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.task import get_task
 
@@ -45,7 +44,7 @@ def checkpoint_reader(workdir: str | Path, step: int, *, ema: bool = False) -> P
                 path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
         except (KeyError, ValueError) as err:
             hint = " (the run keeps no EMA: optimizer.ema_decay = 0)" if ema else ""
-            raise ValueError(f"{path}: cannot read {branch}/{name}{hint}: {err}") from err
+            raise CheckpointError(f"{path}: cannot read {branch}/{name}{hint}: {err}") from err
         return restored[branch][name]
 
     return read
@@ -68,33 +67,14 @@ def export_run(workdir: str | Path, out: str | Path, *, step: int | None = None,
     config, task = run_task(workdir)
     formats = tuple(getattr(task, "export_formats", ()))
     if not formats:
-        raise ValueError(f"{workdir}: task {config.task!r} has nothing to export")
+        raise ConfigError(f"{workdir}: task {config.task!r} has nothing to export")
     format = format or formats[0]
     if format not in formats:
-        raise ValueError(f"--format {format!r}: task {config.task!r} exports {formats}")
+        raise ConfigError(f"--format {format!r}: task {config.task!r} exports {formats}")
     checkpointer = Checkpointer(Path(workdir) / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
     checkpointer.close()
     if step is None:
-        raise ValueError(f"{Path(workdir) / 'checkpoints'}: no finalised checkpoint")
+        raise CheckpointError(f"{Path(workdir) / 'checkpoints'}: no finalised checkpoint")
     task.export(checkpoint_reader(workdir, step, ema=ema), out, format=format, dtype=dtype)
     return step
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m sga_jax.train.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--out", required=True, help="output directory (diffusers) or .safetensors file (bfl)")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--ema", action="store_true", help="export the EMA parameters")
-    parser.add_argument("--format", default=None, help="one of the task's export formats (default: its first)")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as trained)")
-    args = parser.parse_args(argv)
-    step = export_run(args.workdir, args.out, step=args.step, ema=args.ema, format=args.format, dtype=args.dtype)
-    print(f"exported {args.workdir} step {step} ({args.format or 'default format'}) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

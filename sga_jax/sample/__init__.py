@@ -3,22 +3,18 @@ jitted Euler loop (one `lax.scan` over the steps) and decoding with the VAE (til
 images). Latents are channels-last (B, h, w, C) as everywhere in sga-jax; packed tokens are
 (B, h/2 * w/2, 4C) with features in BFL's (c, dy, dx) order, so the same weights work.
 
-The command line turns prompts into PNG files with a Flux.1 folder (BFL single files or the
-diffusers layout, text encoders and tokenizers beside them); `--transformer` swaps in fine-tuned
-weights (`python -m sga_jax.train.export`, or a `python -m sga_jax.convert` directory):
-
-    python -m sga_jax.sample --root FLUX.1-dev --prompt "a red fox in fresh snow" --out samples/
+`load_flux_folder`, `generate` and `write_samples` are what `python -m sga_jax.sample` (its
+`__main__`) runs: prompts -> PNG files from a Flux.1 folder or hub id.
+`load_flux_folder(..., lora=FILE, lora_scale=S)` applies a LoRA in the diffusers / PEFT, kohya
+(ComfyUI) or XLabs layout, merged into the weights (default) or run beside them.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import re
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,11 +25,11 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from sga_jax.weights import converted
 from sga_jax.data.transforms import to_pixels
-from sga_jax.encode import default_text_config, text_encoder_from_config
 from sga_jax.models import vae
-from sga_jax.text import TextEncoder
+from sga_jax.models.flux import lora as flux_lora
+from sga_jax.text import TextEncoder, default_text_config, text_encoder_from_config
+from sga_jax.weights import converted, hub
 
 VelocityFn = Callable[..., jax.Array]
 
@@ -215,25 +211,6 @@ def decode_images(ae: vae.AutoEncoder, latents: jax.Array) -> jax.Array:
     return jnp.clip(ae.decode(latents), -1.0, 1.0)
 
 
-BFL_FILES = {"flux": ("flux1-dev.safetensors", "flux1-schnell.safetensors"), "vae": ("ae.safetensors",)}
-DIFFUSERS_FOLDERS = {"flux": "transformer", "vae": "vae"}
-
-
-def flux_folder_weights(root: str | Path, kind: str) -> Path:
-    """The transformer (`kind="flux"`) or VAE (`"vae"`) of a Flux.1 folder: BFL's single file when
-    present, else the diffusers subfolder."""
-    root = Path(root)
-    for name in BFL_FILES[kind]:
-        if (root / name).is_file():
-            return root / name
-    folder = root / DIFFUSERS_FOLDERS[kind]
-    if folder.is_dir():
-        return folder
-    raise FileNotFoundError(
-        f"{root}: no {kind} weights; expected one of {list(BFL_FILES[kind])} or a {folder.name}/ folder"
-    )
-
-
 def load_flux_folder(
     root: str | Path,
     *,
@@ -242,16 +219,28 @@ def load_flux_folder(
     vae_f16: bool = False,
     dtype: str = "bfloat16",
     attention: str = "chunked",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    lora_merged: bool = True,
 ) -> tuple[nnx.Module, vae.AutoEncoder, TextEncoder]:
-    """(Flux transformer, VAE, text encoder) of a Flux.1 folder; `transformer` / `vae_weights`
-    replace the folder's own (any format `sga_jax.weights.converted.load_model` reads); `vae_f16` runs F8 VAE
-    weights in the paper's F16 form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512
-    tokens for guidance-distilled (dev) models and 256 otherwise (schnell), as BFL."""
-    model = converted.load_model("flux", transformer or flux_folder_weights(root, "flux"),
-                               dtype=dtype, param_dtype=dtype, attention=attention)
+    """(Flux transformer, VAE, text encoder) of a Flux.1 folder or hub id (BFL's single files or
+    the diffusers layout, text encoders and tokenizers beside them); `transformer` / `vae_weights`
+    (paths or hub ids, any format `sga_jax.weights.converted.load_model` reads) replace the
+    folder's own, which are then not fetched. `vae_f16` runs F8 VAE weights in the paper's F16
+    form, as a stage-2 run with `config.model.vae.f16` did. T5 runs at 512 tokens for
+    guidance-distilled (dev) models and 256 otherwise (schnell), as BFL. `lora`: a LoRA file (any
+    layout `flux.lora.read` takes) times `lora_scale`, merged into the transformer's weights or,
+    with `lora_merged=False`, run beside them."""
+    layouts = [hub.FLUX_TEXT] + ([] if transformer else [hub.FLUX]) + ([] if vae_weights else [hub.VAE])
+    root = hub.resolve_folder(root, layouts)
+    model = converted.load_model("flux", hub.resolve(transformer or root, hub.FLUX),
+                                 dtype=dtype, param_dtype=dtype, attention=attention)
+    if lora:
+        adapters = flux_lora.read(lora, model.config)
+        model = (flux_lora.merge if lora_merged else flux_lora.attach)(model, adapters, lora_scale)
     vae_overrides = {"f16": True} if vae_f16 else {}
-    ae = converted.load_model("vae", vae_weights or flux_folder_weights(root, "vae"), dtype=dtype, param_dtype=dtype,
-                            **vae_overrides)
+    ae = converted.load_model("vae", hub.resolve(vae_weights or root, hub.VAE), dtype=dtype, param_dtype=dtype,
+                              **vae_overrides)
     text_config = default_text_config()
     text_config.root = str(root)
     text_config.dtype = dtype
@@ -295,52 +284,18 @@ def image_filename(index: int, prompt: str) -> str:
     return f"{index:03d}-{'-'.join(words) or 'prompt'}.png"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m sga_jax.sample", description="Prompts -> PNG files with Flux.")
-    parser.add_argument("--root", required=True, help="a Flux.1 folder (transformer, VAE, text encoders, tokenizers)")
-    parser.add_argument("--transformer", help="Flux weights replacing the folder's (e.g. a fine-tuned export)")
-    parser.add_argument("--vae", help="VAE weights replacing the folder's")
-    parser.add_argument("--vae_f16", action="store_true",
-                        help="run F8 VAE weights in the F16 form (for models fine-tuned with config.model.vae.f16)")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument("--prompts_file", help="a text file with one prompt per line")
-    parser.add_argument("--out", required=True, help="directory for the PNG files and index.jsonl")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--steps", type=int, help="Euler steps (default: 28 for dev, 4 for schnell)")
-    parser.add_argument("--guidance", type=float, default=3.5, help="guidance embedding (dev models only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype of every network")
-    parser.add_argument("--attention", default="chunked", help="Flux attention: xla | chunked | cudnn")
-    args = parser.parse_args(argv)
-
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if not prompts:
-        parser.error("give at least one --prompt or a --prompts_file")
-    start = time.perf_counter()
-    model, ae, text_encoder = load_flux_folder(args.root, transformer=args.transformer, vae_weights=args.vae,
-                                               vae_f16=args.vae_f16, dtype=args.dtype, attention=args.attention)
-    steps = args.steps or (28 if model.config.guidance_embed else 4)
-    batches = generate(model, ae, text_encoder, prompts, height=args.height, width=args.width, steps=steps,
-                       guidance=args.guidance, seed=args.seed, batch_size=args.batch_size)
-    out = Path(args.out)
+def write_samples(batches: Iterator[np.ndarray], prompts: Sequence[str], out: str | Path,
+                  record: dict[str, Any]) -> Path:
+    """Save the images of `batches` (as `generate` yields them) as PNG files in `out`, one per
+    prompt (`image_filename`), and `out/index.jsonl` with a line per image as it is written:
+    {"file", "prompt", "index", **record}. Returns `out`."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = (image for batch in batches for image in batch)
-    with open(out / "index.jsonl", "w") as index:  # a line per image as it is written
+    with open(out / "index.jsonl", "w") as index:
         for i, (prompt, image) in enumerate(zip(prompts, images)):
             name = image_filename(i, prompt)
             Image.fromarray(to_pixels(image)).save(out / name)
-            record = {"file": name, "prompt": prompt, "seed": args.seed, "index": i, "height": args.height,
-                      "width": args.width, "steps": steps, "guidance": args.guidance}
-            index.write(json.dumps(record) + "\n")
+            index.write(json.dumps({"file": name, "prompt": prompt, "index": i, **record}) + "\n")
             index.flush()
-    print(f"wrote {len(prompts)} images to {out} in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return out
