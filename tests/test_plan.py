@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sga_jax.errors import ConfigError
 from sga_jax import plan as plan_lib
+from sga_jax.errors import ConfigError
 from sga_jax.plan import levers, targets
 from sga_jax.plan.flops import jaxpr_cost
 from sga_jax.plan.step import compile_step, plan_step, trace_step
@@ -176,7 +176,7 @@ def test_levers_of_the_flux_stage_in_order(demo):
     config.batch_size = 32
     accumulation = dict(levers.levers(config, task, {"data": 8, "fsdp": 1, "tensor": 1}, 8, "tpu"))
     assert accumulation["gradient accumulation"] == [{"optimizer.grad_accum_steps": k} for k in (2, 4)]
-    assert "attention" not in accumulation  # chunked is already TPU's memory-efficient choice
+    assert accumulation["attention"] == [{"model.attention": "splash"}]  # chunked (the demo's) is the other
 
 
 def test_overrides_apply_and_print_as_flags(demo):

@@ -5,7 +5,8 @@
 2. gradient accumulation: fewer examples per device at a time (`optimizer.grad_accum_steps`);
 3. FSDP width: shard parameters and optimizer state over more devices (`mesh.fsdp`);
 4. attention: the memory-efficient implementation of the platform (the task's
-   `plan_levers["attention"]` key: cuDNN's fused kernel on NVIDIA GPUs, chunked elsewhere).
+   `plan_levers["attention"]` key: cuDNN's fused kernel on NVIDIA GPUs, the Pallas splash kernel
+   on TPUs, chunked anywhere).
 
 The planner tries each lever's values from the mildest; when none fits, the setting that lowered
 the peak most stays and the next lever is added to it. The first set of overrides whose compiled
@@ -30,7 +31,7 @@ REMAT_BY_STRENGTH = ("none", "dots", "dots_no_batch", "full")
 
 # The planner's memory-efficient attention per platform, mildest change first ("xla" keeps the
 # probabilities of every layer for the backward pass and is never suggested).
-ATTENTION_BY_PLATFORM = {"gpu": ("cudnn", "chunked"), "tpu": ("chunked",), "cpu": ("chunked",)}
+ATTENTION_BY_PLATFORM = {"gpu": ("cudnn", "chunked"), "tpu": ("splash", "chunked"), "cpu": ("chunked",)}
 
 
 def get_key(config: ml_collections.ConfigDict, key: str) -> Any:
