@@ -220,12 +220,12 @@ def demo_config(tmp_path_factory):
         yield make
 
 
-def _train(config, workdir):
-    return loop.train(config, workdir, run=loop.build_run(config, jax.devices()[:1]))
+def _run(config):
+    return loop.build_run(config, jax.devices()[:1])
 
 
-def _final_params(config, workdir, step):
-    run = loop.build_run(config, jax.devices()[:1])
+def _params(config, workdir, step):
+    run = _run(config)
     target = state_lib.with_shardings(run.setup.abstract_state, run.setup.state_shardings)
     state, _, _, _ = Checkpointer(workdir / "checkpoints").restore(step, target)
     return jax.device_get(state.params)
@@ -242,17 +242,22 @@ def _evals(workdir):
 
 @pytest.fixture(scope="module")
 def stage_runs(demo_config, tmp_path_factory):
-    """Work directories: probe off, probe on straight, probe on stopped at step 2 and resumed."""
+    """Work directories: probe on for 4 steps straight; probe on, stopped at step 2 and resumed to 4
+    (the second half reuses the straight run's compiled step and probe); probe off for 2 steps."""
     root = tmp_path_factory.mktemp("runs")
     off, straight, resumed = root / "off", root / "straight", root / "resumed"
-    _train(demo_config(**{"probe.enabled": False}), off)
-    _train(demo_config(), straight)
-    _train(demo_config(total_steps=2), resumed)
+    config = demo_config()
+    run = _run(config)
+    loop.train(config, straight, run=run)
+    half = demo_config(total_steps=2)
+    loop.train(half, resumed, run=_run(half))
     batch_file = resumed / "probe" / "batch.npz"
     first_bytes, first_mtime = batch_file.read_bytes(), batch_file.stat().st_mtime_ns
-    _train(demo_config(), resumed)
+    loop.train(config, resumed, run=run)
     assert batch_file.read_bytes() == first_bytes and batch_file.stat().st_mtime_ns == first_mtime
-    return {"off": off, "straight": straight, "resumed": resumed, "config": demo_config()}
+    off_config = demo_config(total_steps=2, **{"probe.enabled": False})
+    loop.train(off_config, off, run=_run(off_config))
+    return {"off": off, "straight": straight, "resumed": resumed, "config": config, "off_config": off_config}
 
 
 def test_stage2_probe_logs_zero_drift_at_step_0_then_curves(stage_runs):
@@ -286,28 +291,26 @@ def test_stage2_resumed_run_continues_the_curves_exactly(stage_runs):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
 
 
-def test_stage2_probe_adds_no_parameter_and_no_gradient(stage_runs, demo_config):
-    config = stage_runs["config"]
-    on = loop.build_run(config, jax.devices()[:1])
-    off = loop.build_run(demo_config(**{"probe.enabled": False}), jax.devices()[:1])
+def test_stage2_probe_adds_no_parameter_and_no_gradient(stage_runs):
+    on, off = _run(stage_runs["config"]), _run(stage_runs["off_config"])
     assert jax.tree.structure(on.setup.abstract_state) == jax.tree.structure(off.setup.abstract_state)
     assert jax.tree.leaves(on.setup.abstract_state) == jax.tree.leaves(off.setup.abstract_state)
     assert not any(k.startswith("eval_") for r in _records(stage_runs["off"]) for k in r)
     assert not (stage_runs["off"] / "probe").exists()
-    a, b = _final_params(config, stage_runs["off"], 4), _final_params(config, stage_runs["straight"], 4)
+    a, b = _params(stage_runs["off_config"], stage_runs["off"], 2), _params(stage_runs["config"], stage_runs["straight"], 2)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-    losses = [[r["loss"] for r in _records(stage_runs[name]) if "loss" in r] for name in ("off", "straight")]
+    losses = [[r["loss"] for r in _records(stage_runs[name]) if "loss" in r][:2] for name in ("off", "straight")]
     assert losses[0] == losses[1]
 
 
 def test_vanilla_run_probes_with_the_prior_built_for_it(demo_config):
-    on = loop.build_run(demo_config("dinov2,vanilla,wlf,layer=1"), jax.devices()[:1])
-    off = loop.build_run(demo_config("dinov2,vanilla,wlf,layer=1", **{"probe.enabled": False}), jax.devices()[:1])
-    assert on.setup.abstract_frozen["prior"] is not None and off.setup.abstract_frozen["prior"] is None
+    on = _run(demo_config("dinov2,vanilla,wlf,layer=1"))
+    off = _run(demo_config("dinov2,vanilla,wlf,layer=1", **{"probe.enabled": False}))
+    assert on.setup.abstract_frozen.get("prior") is not None and off.setup.abstract_frozen.get("prior") is None
     assert jax.tree.leaves(on.setup.abstract_state) == jax.tree.leaves(off.setup.abstract_state)
     with pytest.raises(ValueError, match=r"config.align.block=5: Flux has 2 double blocks"):
-        loop.build_run(demo_config("dinov2,vanilla,wlf,layer=5"), jax.devices()[:1])
+        _run(demo_config("dinov2,vanilla,wlf,layer=5"))
 
 
 # ----------------------------------------------------------------------------- the compare report
@@ -321,9 +324,9 @@ def test_compare_report_of_two_runs(stage_runs, tmp_path, capsys):
     assert (tmp_path / "drift.png").is_file() and (tmp_path / "prior.png").is_file()
     assert "**tiny random networks**" in report and "random weights" in report
     final = _evals(stage_runs["straight"])[4]
-    row = next(line for line in report.splitlines() if line.startswith("| straight (sga, layer 1, weight 0.5)")
-               and "| 4 |" in line)
-    assert f"| {final['eval_drift_coord']:.4g} | {final['eval_drift_orbit']:.4g} |" in row
+    finals = report.split("## Final values")[1].split("##")[0]
+    row = next(line for line in finals.splitlines() if line.startswith("| straight (sga, layer 1, weight 0.5) | 4 |"))
+    assert f"| {final['eval_drift_coord']:.4g} | {final['eval_drift_orbit']:.4g} | {final['eval_drift_structure']:.4g} |" in row
     for name in probe.METRICS:
         assert f"`{name}`" in report
 

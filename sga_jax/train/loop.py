@@ -156,6 +156,7 @@ class Run:
     optimizer: Any
     schedule: Any
     setup: state_lib.Setup
+    step_fn: step_lib.StepFn | None = dataclasses.field(default=None, repr=False)  # set by jitted_step
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Run:
@@ -175,16 +176,19 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
 
 def jitted_step(run: Run) -> step_lib.StepFn:
     """The run's train step, jitted with its shardings; call it (and trace it) inside
-    `parallel.activation_sharding(run.mesh, run.rules)`."""
-    config = run.config
-    step = step_lib.make_train_step(
-        run.task, run.setup.graphs, run.optimizer, run.schedule,
-        compute_dtype=config.precision.compute_dtype,
-        grad_accum_steps=config.optimizer.grad_accum_steps,
-        ema_decay=float(config.optimizer.ema_decay),
-        mesh=run.mesh, rules=run.rules,
-    )
-    return step_lib.jit_train_step(step, run.setup)
+    `parallel.activation_sharding(run.mesh, run.rules)`. Built once per run, so later `train`
+    calls given the same run reuse the compiled step."""
+    if run.step_fn is None:
+        config = run.config
+        step = step_lib.make_train_step(
+            run.task, run.setup.graphs, run.optimizer, run.schedule,
+            compute_dtype=config.precision.compute_dtype,
+            grad_accum_steps=config.optimizer.grad_accum_steps,
+            ema_decay=float(config.optimizer.ema_decay),
+            mesh=run.mesh, rules=run.rules,
+        )
+        run.step_fn = step_lib.jit_train_step(step, run.setup)
+    return run.step_fn
 
 
 def _modules(run: Run, state: state_lib.TrainState, frozen: Any) -> tuple[nnx.Module, nnx.Module | None]:

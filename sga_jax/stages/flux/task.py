@@ -13,8 +13,12 @@ the weight paths in the config, or randomly initialised when a path is empty (th
 so). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
 written by `python -m sga_jax.encode` (`config.data.caption_cache`).
 
+Every `eval_every` steps the feature-drift probe (`sga_jax.stages.probe`, docs/geometry.md)
+measures how far the image stream after block k has moved from the pre-trained model's on a fixed
+probe batch; the `start` and `evaluate` hooks drive it and the `_probe_*` methods are its taps.
+
 Config: see `configs/flux_sga.py`; the task's own section is `config.model` (the networks and
-their weights), `config.objective`, `config.align` and `config.sample`.
+their weights), `config.objective`, `config.align`, `config.probe` and `config.sample`.
 """
 
 from __future__ import annotations
