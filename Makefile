@@ -27,7 +27,9 @@ demo: $(STAMP)
 	      "feature drift, SGA vs iREPA: out/drift/report.md"
 
 # The feature-drift report of the demo's SGA run (out/demo) against an iREPA run of the same row,
-# layer, weight and steps (docs/geometry.md).
+# layer, weight and steps (docs/geometry.md). The runs share compiled executables (frozen models,
+# the probe's frozen inputs) through JAX's persistent compilation cache.
+demo demo-drift: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/out/jax_cache
 demo-drift: $(STAMP)
 	rm -rf out/demo_irepa out/drift
 	$(PY) -m sga_jax.train --config configs/demo.py:dinov2,irepa,wlf,layer=1,long_edge=8 --workdir out/demo_irepa \

@@ -15,6 +15,7 @@ import scipy.linalg
 import scipy.stats
 from flax import nnx
 
+from demo_fixtures import IMAGE
 from sga_jax.geometry.__main__ import main as geometry_main
 from sga_jax.stages import probe
 from sga_jax.train import loop
@@ -192,32 +193,13 @@ def test_probe_config_is_checked():
 
 # ----------------------------------------------------------------------------- stage 2 through the engine
 
-IMAGE = 128
+STAGE = {"total_steps": 4, "checkpoint_every": 2, "eval_every": 2, "sample_every": 0, "log_every": 1,
+         "logging.progress_bar": False, "probe.top_k": 3}
 
 
-@pytest.fixture(scope="module")
-def demo_config(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SGA_DEMO_ASSETS", str(tmp_path_factory.mktemp("assets")))
-        from configs.demo import get_config
-
-        def make(arg=None, **overrides):
-            config = get_config(arg)
-            config.data.buckets.fixed = f"{IMAGE}x{IMAGE}"
-            config.align.long_edge = 2
-            config.update({"total_steps": 4, "checkpoint_every": 2, "eval_every": 2, "sample_every": 0,
-                           "log_every": 1})
-            config.logging.progress_bar = False
-            config.probe.top_k = 3
-            for key, value in overrides.items():
-                node = config
-                *parents, leaf = key.split(".")
-                for name in parents:
-                    node = node[name]
-                node[leaf] = value
-            return config
-
-        yield make
+def _stage(demo_config, arg=None, **overrides):
+    """The test-size demo config for short probed runs (every 2 steps, 4 steps, checkpoints at 2 and 4)."""
+    return demo_config(arg, **{**STAGE, **overrides})
 
 
 def _run(config):
@@ -246,16 +228,16 @@ def stage_runs(demo_config, tmp_path_factory):
     (the second half reuses the straight run's compiled step and probe); probe off for 2 steps."""
     root = tmp_path_factory.mktemp("runs")
     off, straight, resumed = root / "off", root / "straight", root / "resumed"
-    config = demo_config()
+    config = _stage(demo_config)
     run = _run(config)
     loop.train(config, straight, run=run)
-    half = demo_config(total_steps=2)
+    half = _stage(demo_config, total_steps=2)
     loop.train(half, resumed, run=_run(half))
     batch_file = resumed / "probe" / "batch.npz"
     first_bytes, first_mtime = batch_file.read_bytes(), batch_file.stat().st_mtime_ns
     loop.train(config, resumed, run=run)
     assert batch_file.read_bytes() == first_bytes and batch_file.stat().st_mtime_ns == first_mtime
-    off_config = demo_config(total_steps=2, **{"probe.enabled": False})
+    off_config = _stage(demo_config, total_steps=2, **{"probe.enabled": False})
     loop.train(off_config, off, run=_run(off_config))
     return {"off": off, "straight": straight, "resumed": resumed, "config": config, "off_config": off_config}
 
@@ -305,12 +287,12 @@ def test_stage2_probe_adds_no_parameter_and_no_gradient(stage_runs):
 
 
 def test_vanilla_run_probes_with_the_prior_built_for_it(demo_config):
-    on = _run(demo_config("dinov2,vanilla,wlf,layer=1"))
-    off = _run(demo_config("dinov2,vanilla,wlf,layer=1", **{"probe.enabled": False}))
+    on = _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=1"))
+    off = _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=1", **{"probe.enabled": False}))
     assert on.setup.abstract_frozen.get("prior") is not None and off.setup.abstract_frozen.get("prior") is None
     assert jax.tree.leaves(on.setup.abstract_state) == jax.tree.leaves(off.setup.abstract_state)
     with pytest.raises(ValueError, match=r"config.align.block=5: Flux has 2 double blocks"):
-        _run(demo_config("dinov2,vanilla,wlf,layer=5"))
+        _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=5"))
 
 
 # ----------------------------------------------------------------------------- the compare report

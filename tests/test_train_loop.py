@@ -16,6 +16,7 @@ from tensorboardX.proto import event_pb2
 from sga_jax.train import loop, state as state_lib
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.optim import make_schedule
+from sga_jax.train.toy import ToyTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
 import toy  # noqa: E402
@@ -82,7 +83,7 @@ def test_start_hook_runs_once_per_start_before_any_update_and_logs_at_step_0(tmp
         calls.append((step, np.asarray(trainable.out.kernel.value).copy()))
         return {"probe": 1.5} if step == 0 else None
 
-    monkeypatch.setattr(toy.ToyTask, "start", start, raising=False)
+    monkeypatch.setattr(ToyTask, "start", start, raising=False)
     config = toy.get_config("sharded")
     config.total_steps, config.checkpoint_every, config.log_every = 2, 2, 1
     config.logging.progress_bar = False

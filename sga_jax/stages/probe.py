@@ -47,7 +47,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sga_jax.align import geometry as geo
 from sga_jax.align.pool import adaptive_avg_pool, grid_to_tokens
-from sga_jax.align.sga import normalize_rows
 from sga_jax.metrics.reconstruction import psnr
 
 log = logging.getLogger(__name__)
@@ -203,13 +202,23 @@ class FeatureProbe:
         self._prepare = self._tap = None
 
     def _compile(self, state: Any) -> None:
-        """The jitted prepare / tap, their results replicated over the state's mesh."""
+        """The jitted prepare / tap, their results replicated over the state's mesh; the prior's
+        tokens, the features and the output in float32 (what the reference files hold)."""
         if self._tap is not None:
             return
         kwargs = {} if (sharding := _replicated(state)) is None else {"out_shardings": sharding}
         taps = self.taps
-        self._prepare = jax.jit(lambda g, s, ex: taps.prepare(_merge(g, s), ex), static_argnums=0, **kwargs)
-        self._tap = jax.jit(lambda g, s, inputs: taps.tap(nnx.merge(g, s), inputs), static_argnums=0, **kwargs)
+
+        def prepare(graph: nnx.GraphDef | None, state: Any, examples: dict) -> tuple[dict, jax.Array]:
+            inputs, prior = taps.prepare(_merge(graph, state), examples)
+            return inputs, prior.astype(jnp.float32)
+
+        def tap(graph: nnx.GraphDef, state: Any, inputs: dict) -> tuple[jax.Array, jax.Array]:
+            features, output = taps.tap(nnx.merge(graph, state), inputs)
+            return features.astype(jnp.float32), output.astype(jnp.float32)
+
+        self._prepare = jax.jit(prepare, static_argnums=0, **kwargs)
+        self._tap = jax.jit(tap, static_argnums=0, **kwargs)
 
     def start(self, trainable: nnx.Module, frozen: nnx.Module | None, step: int, workdir: str | Path,
               rng: jax.Array) -> dict[str, float] | None:

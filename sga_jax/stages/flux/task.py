@@ -324,7 +324,7 @@ class FluxSGATask:
         x_t, _ = fm.noisy_sample(latents, examples["noise"], examples["t"])
         txt, txt_ids, vec = self._text(frozen, examples)
         inputs = {"x_t": x_t, "t": examples["t"], "txt": txt, "txt_ids": txt_ids, "vec": vec}
-        return inputs, frozen.prior(images).astype(jnp.float32)
+        return inputs, frozen.prior(images)
 
     def _probe_tap(self, trainable: FluxWithHead, inputs: dict) -> tuple[jax.Array, jax.Array]:
         """Flux on the probe inputs: the image stream after double block `config.align.block` (before
