@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -82,6 +84,19 @@ def probe_for(task, modules, workdir: str):
     return lambda: task.probe.measure(trainable)
 
 
+def interleaved_medians(a, b, rounds: int) -> tuple[float, float]:
+    """Median times of `a()` and `b()` timed alternately after one warm-up each, so that the
+    shared CPU's load changes hit both alike."""
+    a(), b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=int, default=512)
@@ -103,7 +118,7 @@ def main() -> None:
         config = stage_config("sga", network, args.image, assets)
         fn, count, task, modules = step_for(config, args.image)
         evaluate = probe_for(task, modules, tempfile.mkdtemp(prefix="sga_bench_probe_"))
-        step_s, probe_s = median_time(fn, repeats=args.repeats, warmup=1), median_time(evaluate, repeats=args.repeats)
+        step_s, probe_s = interleaved_medians(fn, evaluate, rounds=2 * args.repeats)
         probe_times[network] = {"step_s": step_s, "probe_s": probe_s}
         width = config.model.flux.overrides["hidden_size"]
         probe_rows.append({"network": f"{network} (width {width})", "trainable params": count,
@@ -120,8 +135,9 @@ def main() -> None:
         f"One probe evaluation (`FeatureProbe.measure`: Flux forward with the hidden tap on the probe batch of 2 "
         f"at {args.image} x {args.image}, inputs and reference copied from the host, jitted drift metrics: "
         "Procrustes SVD, Grams, spectra, principal angles) against one SGA train step of the same network at "
-        "batch 2, measured side by side, medians. The frozen inputs (VAE latents, text embeddings, prior tokens) "
-        "are computed once per start, not per evaluation. Goal: under 25% of a step.\n\n" + markdown_table(probe_rows)
+        f"batch 2, timed alternately (median of {2 * args.repeats} rounds each). The frozen inputs (VAE latents, "
+        "text embeddings, prior tokens) are computed once per start, not per evaluation. Goal: under 25% of a "
+        "step.\n\n" + markdown_table(probe_rows)
     )
     write_section("train_step", "Stage-2 train step: alignment overhead and the feature-drift probe", body,
                   {"times_s": times, "image": args.image, "probe": probe_times})

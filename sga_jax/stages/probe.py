@@ -261,7 +261,7 @@ class FeatureProbe:
         ref = self.reference
         values = drift_metrics(features, output, ref["features"], ref["output"], self.prior, k=self.k,
                                image_output=self.taps.image_output)
-        return {name: float(v) for name, v in values.items()}
+        return {name: float(v) for name, v in jax.device_get(values).items()}
 
     def measure(self, trainable: nnx.Module) -> dict[str, float]:
         """The probe's numbers for the current parameters (empty when the probe is off for this run)."""
