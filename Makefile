@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench install plan-deps clean
+.PHONY: test demo demo-drift bench install plan-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,21 @@ demo: $(STAMP)
 	$(PY) -m sga_jax.geometry --out out/geometry
 	rm -rf out/demo
 	$(PY) -m sga_jax.train --config configs/demo.py --workdir out/demo
-	@echo "demo outputs: out/demo/{checkpoints,tensorboard,samples}/, out/demo/metrics.jsonl," \
-	      "out/demo/loss_curve.png; loss-geometry report: out/geometry/report.md"
+	$(MAKE) --no-print-directory demo-drift
+	@echo "demo outputs: out/demo/{checkpoints,tensorboard,samples,probe}/, out/demo/metrics.jsonl," \
+	      "out/demo/loss_curve.png; loss-geometry report: out/geometry/report.md;" \
+	      "feature drift, SGA vs iREPA: out/drift/report.md"
+
+# The feature-drift report of the demo's SGA run (out/demo) against an iREPA run of the same row,
+# layer, weight and steps (docs/geometry.md). The runs share compiled executables (frozen models,
+# the probe's frozen inputs) through JAX's persistent compilation cache.
+demo demo-drift: export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/out/jax_cache
+demo-drift: $(STAMP)
+	rm -rf out/demo_irepa out/drift
+	$(PY) -m sga_jax.train --config configs/demo.py:dinov2,irepa,wlf,layer=1,long_edge=8 --workdir out/demo_irepa \
+	    --config.sample_every=0 --config.checkpoint_every=0
+	$(PY) -m sga_jax.geometry compare out/demo out/demo_irepa --out out/drift \
+	    --note "The demo's networks are tiny and randomly initialised: these curves show the probe's machinery, not the paper's result."
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(PY) $$script || exit 1; done

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import runpy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +36,7 @@ from skimage.feature import graycomatrix  # noqa: E402
 from skimage.measure import shannon_entropy  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-from bench.report import markdown_table, write_section  # noqa: E402
+from bench.report import interleaved_medians, markdown_table, write_section  # noqa: E402
 from sga_jax import metrics  # noqa: E402
 from sga_jax.metrics import texture  # noqa: E402
 from sga_jax.models import clip, inception, lpips  # noqa: E402
@@ -74,19 +72,6 @@ def clip_pair(tmp: str) -> tuple[transformers.CLIPModel, clip.ClipModel]:
     reference = transformers.CLIPModel(config).eval()
     reference.save_pretrained(tmp, safe_serialization=True)
     return reference, clip.load_clip_model(tmp)
-
-
-def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Warm every run up (and compile), then time `repeats` rounds of all of them in turn: (times, medians)."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times, {name: statistics.median(t) for name, t in times.items()}
 
 
 def lpips_rows(repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -59,6 +59,20 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm every run up (and compile), then time `repeats` rounds of all of them in turn, so that
+    the shared CPU's load changes hit them alike: (times, medians) by name."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times, {name: statistics.median(t) for name, t in times.items()}
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB.
 

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 30
     config.log_every = 2
     config.sample_every = 30
+    config.eval_every = 10  # the feature-drift probe
     config.mesh.data, config.mesh.fsdp = -1, 1
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 4

@@ -35,6 +35,7 @@ import ml_collections
 from sga_jax.data.pipeline import default_data_config
 from sga_jax.models.flux.lora import DEFAULT_TARGETS
 from sga_jax.models.nn import SplashBlockSizes
+from sga_jax.stages import probe
 from sga_jax.text import default_text_config
 from sga_jax.train.config import base_config
 
@@ -75,7 +76,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000
     config.log_every = 10
     config.sample_every = 1000
-    config.eval_every = 0
+    config.eval_every = 500  # the feature-drift probe (config.probe; docs/geometry.md)
     config.mesh.data, config.mesh.fsdp = 1, -1  # ZeRO-style: parameters and moments sharded over all devices
     config.optimizer.learning_rate = 1e-4 if row["lora"] else 1e-5
     config.optimizer.warmup_steps = 500
@@ -123,6 +124,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
         "targets": DEFAULT_TARGETS,
         "base_dtype": "bfloat16",  # the frozen base weights ("float32" for an fp32 base)
     })
+    config.probe = probe.default_config()
     config.sample = ml_collections.ConfigDict({
         "prompts": ("A majestic snow-capped mountain range at sunrise, ultra detailed",
                     "A close-up portrait of an old fisherman, weathered skin, 4K photograph"),

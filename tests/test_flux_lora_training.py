@@ -20,7 +20,7 @@ from flax import nnx
 from flux_reference import ours_args, reference_forward
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as torch_load_file
-from test_flux_stage import _batch, _norms_by_path, demo_config, monkeypatch_module  # noqa: F401
+from test_flux_stage import _batch, _norms_by_path
 from test_train_resume import KILL_DURING_SAVE, ROOT, env, metrics, saved_state  # noqa: F401
 from torch_reference import assert_close_relative
 

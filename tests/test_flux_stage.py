@@ -16,34 +16,7 @@ from sga_jax.models.flux.model import timestep_embedding
 from sga_jax.train import loop, state as state_lib
 from sga_jax.train.task import get_task
 
-IMAGE = 128  # F16 latent 8 x 8 -> 4 x 4 Flux tokens -> 2 x 2 after the stride-2 head
-
-
-@pytest.fixture(scope="module")
-def demo_config(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("SGA_DEMO_ASSETS", str(tmp_path_factory.mktemp("assets")))
-    from configs.demo import get_config
-
-    def make(arg=None, **overrides):
-        config = get_config(arg)
-        config.data.buckets.fixed = f"{IMAGE}x{IMAGE}"
-        config.align.long_edge = 2
-        config.batch_size = 2
-        for key, value in overrides.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for name in parents:
-                node = node[name]
-            node[leaf] = value
-        return config
-
-    return make
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+from demo_fixtures import IMAGE
 
 
 def _models(task, config):

@@ -108,6 +108,24 @@ def test_containment_values_match_float64():
     np.testing.assert_allclose(four_repa, 4 * np.sum((_unit_rows(x) - _unit_rows(y)) ** 2) / 9, rtol=1e-5)
 
 
+def test_drift_quantities_match_float64():
+    """The probe's building blocks: coordinate drift, Gram distance and the top-k spectrum gap."""
+    x, y = _pair((12, 5), 4, "perturbed")
+    np.testing.assert_allclose(geo.coordinate_drift(x, y), np.linalg.norm(x.astype(np.float64) - y) / np.linalg.norm(
+        y.astype(np.float64)), rtol=1e-5)
+    np.testing.assert_allclose(geo.gram_distance(x, y), np.sqrt(_np_sga(x, y)), rtol=1e-5)
+    assert float(geo.gram_distance(x, x)) == 0.0
+    xn, yn = _unit_rows(x), _unit_rows(y)
+    for k in (1, 3, 12):
+        lam_x = np.sort(np.linalg.eigvalsh(xn @ xn.T))[::-1][:k]
+        lam_y = np.sort(np.linalg.eigvalsh(yn @ yn.T))[::-1][:k]
+        np.testing.assert_allclose(geo.eigenvalue_gap(x, y, k), np.linalg.norm(lam_x - lam_y) / 12, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"k must be in \[1, N\] = \[1, 12\]"):
+        geo.eigenvalue_gap(x, y, 13)
+    with pytest.raises(ValueError, match=r"equal shapes: x \(12, 5\) vs x0 \(12, 4\)"):
+        geo.coordinate_drift(x, y[:, :4])
+
+
 def test_geometry_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(3,\)"):
         geo.gram_spectra(np.ones(3, np.float32), np.ones((3, 2), np.float32))
@@ -140,6 +158,8 @@ def test_prop2_spectral_and_subspace_bounds(shape, seed, kind, k_fraction):
     x, y = _pair(shape, seed, kind)
     spec, frob = geo.spectral_bound(x, y)
     assert float(spec) <= float(frob) * (1 + 1e-4) + 1e-5
+    top_k = 1 + int(k_fraction * (shape[0] - 1))  # the probe's top-k part of the same gap, per token
+    assert float(geo.eigenvalue_gap(x, y, top_k)) <= float(frob) / shape[0] * (1 + 1e-4) + 1e-6
     k = 1 + int(k_fraction * (min(shape) - 2))  # 1 .. min(N, C) - 1
     sin_theta, bound = geo.subspace_bound(x, y, k)
     assert float(sin_theta) <= float(bound) * (1 + 1e-4) + 1e-3, (k, float(sin_theta), float(bound))

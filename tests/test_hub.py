@@ -29,7 +29,6 @@ from sga_jax.train import loop, state as state_lib
 from sga_jax.train.task import get_task
 from sga_jax.weights import converted, hub
 from tests.hub_cache import write_hub_cache
-from tests.test_flux_stage import demo_config, monkeypatch_module  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_REPO, PRIOR_REPO = "sga-test/FLUX.1-tiny", "sga-test/dinov2-tiny"
@@ -224,7 +223,7 @@ def test_repo_lock_makes_sharing_processes_wait(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_repos(demo_config, tmp_path_factory):  # noqa: F811
+def tiny_repos(demo_config, tmp_path_factory):
     """Folders of a Flux.1 repo (diffusers transformer, BFL ae.safetensors, the demo's text encoders
     and tokenizers) and a DINOv2 repo, with random weights sized to the demo config's networks."""
     from sga_jax.models import dinov2, flux, vae
@@ -250,7 +249,7 @@ def _run_state(config):
     return run, state.params["flux"], state_lib.init_frozen(run.task, config, run.setup)
 
 
-def test_training_reads_hub_ids_value_for_value_as_the_local_folders(demo_config, tiny_repos, offline):  # noqa: F811
+def test_training_reads_hub_ids_value_for_value_as_the_local_folders(demo_config, tiny_repos, offline):
     flux_folder, prior_folder = tiny_repos
     snapshot = write_hub_cache(offline, FLUX_REPO, flux_folder)
     write_hub_cache(offline, PRIOR_REPO, prior_folder)

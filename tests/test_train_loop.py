@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from sga_jax.train import loop
+from sga_jax.train import loop, state as state_lib
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.optim import make_schedule
+from sga_jax.train.toy import ToyTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "configs"))
 import toy  # noqa: E402
@@ -96,6 +97,38 @@ def test_compilation_is_its_own_phase_per_batch_shape(tmp_path, capsys, monkeypa
         assert records[step]["compile_s"] > 10 * records[step]["step_time_s"]  # the step's own time leaves it out
     bar = capsys.readouterr().err
     assert "compiling:" in bar and f"compile_s={records[1]['compile_s'] + records[4]['compile_s']:.1f}" in bar
+
+
+def test_start_hook_runs_once_per_start_before_any_update_and_logs_at_step_0(tmp_path, monkeypatch):
+    """The task's optional start hook: step 0 and the initial parameters on a fresh start (its
+    scalars logged as eval_* at step 0), the restored step on resume; a fresh restart clears the log."""
+    calls = []
+
+    def start(self, trainable, frozen, step, workdir, rng):
+        calls.append((step, np.asarray(trainable.out.kernel.value).copy()))
+        return {"probe": 1.5} if step == 0 else None
+
+    monkeypatch.setattr(ToyTask, "start", start, raising=False)
+    config = toy.get_config("sharded")
+    config.total_steps, config.checkpoint_every, config.log_every = 2, 2, 1
+    config.logging.progress_bar = False
+    run = loop.build_run(config)
+    initial = state_lib.init_state(run.task, config, run.optimizer, run.setup)
+    loop.train(config, tmp_path, run=run)
+    config.total_steps = 3
+    loop.train(config, tmp_path)
+    assert [step for step, _ in calls] == [0, 2]
+    np.testing.assert_array_equal(calls[0][1], np.asarray(initial.params["out"]["kernel"]))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[0] == {"step": 0, "eval_probe": 1.5}
+    assert read_events(tmp_path / "tensorboard")["eval_probe"] == {0: 1.5}
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 0, "eval_probe": 9.0}\n{"step": 1, "loss": 1.0}\n')
+    config.total_steps = 1
+    loop.train(config, fresh)  # no checkpoint there: a fresh start keeps nothing of the old log
+    assert [json.loads(line)["step"] for line in (fresh / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_consecutive_nans_stop_with_a_clear_message(tmp_path):

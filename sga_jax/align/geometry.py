@@ -10,6 +10,12 @@ two sides of the inequality they state so callers can test or plot them.
 * Prop. 3 (containment): `containment` gives (L_SGA, 4 L_REPA) with L_SGA <= 4 L_REPA;
   `zero_set_distances` gives how far X must move to reach each loss's zero set: ||X - Y||_F for
   REPA, the orthogonal-Procrustes orbit distance min_Q ||X - Y Q||_F for SGA.
+
+The feature-drift probe of the training stages (`sga_jax.stages.probe`) measures a run with the
+same functions, comparing features X_t with the pre-trained X_0 and the prior's Y:
+`coordinate_drift` (||X_t - X_0|| / ||X_0||), `zero_set_distances(X_t, X_0)` (the same move with
+Q = I, and the orbit drift min_Q), `gram_distance` (||G_X - G_Y||_F / N), `eigenvalue_gap` (its
+top-k spectral part, never larger: Prop. 2(i)) and `principal_angles`.
 """
 
 from __future__ import annotations
@@ -116,6 +122,35 @@ def gauge_invariance_gap(x: jax.Array, y: jax.Array, q: jax.Array, *, eps: float
     return jnp.abs(after - before)
 
 
+def coordinate_drift(x: jax.Array, x0: jax.Array) -> jax.Array:
+    """||X - X_0||_F / ||X_0||_F: how far features moved in their own coordinates, relative to their
+    size (what patch-wise alignment forces). Rows are used as given; X and X_0 have equal shapes."""
+    x, x0 = _check_pair(x, x0)
+    if x.shape != x0.shape:
+        raise ValueError(f"coordinate drift needs equal shapes: x {tuple(x.shape)} vs x0 {tuple(x0.shape)}")
+    return jnp.linalg.norm(x - x0) / jnp.linalg.norm(x0)
+
+
+def gram_distance(x: jax.Array, y: jax.Array, *, eps: float = NORM_EPS) -> jax.Array:
+    """||G_X - G_Y||_F / N of the row-normalised features: sqrt(L_SGA), in [0, 2).
+
+    Computed through the N x N Gram matrices, so it is exactly zero for X == Y (the O(N C^2)
+    channel identity would cancel to rounding noise there).
+    """
+    x, y = _check_pair(x, y)
+    return jnp.sqrt(sga_loss(x[None], y[None], method="gram", eps=eps))
+
+
+def eigenvalue_gap(x: jax.Array, y: jax.Array, k: int, *, eps: float = NORM_EPS) -> jax.Array:
+    """||lambda_1..k(G_X) - lambda_1..k(G_Y)||_2 / N: the top-k spectra of the two spatial Grams
+    (row-normalised, descending) apart. Never above `gram_distance` (Prop. 2(i), Hoffman-Wielandt)."""
+    x, y = _check_pair(x, y)
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k must be in [1, N] = [1, {x.shape[0]}] for x {tuple(x.shape)}, got {k}")
+    lam_x, lam_y = gram_spectra(x, y, eps=eps)
+    return jnp.linalg.norm(lam_x[:k] - lam_y[:k]) / x.shape[0]
+
+
 def gram_difference(x: jax.Array, y: jax.Array, *, eps: float = NORM_EPS) -> jax.Array:
     """G_X - G_Y (N, N) of the row-normalised features."""
     x, y = _check_pair(x, y)
@@ -130,8 +165,7 @@ def spectral_bound(x: jax.Array, y: jax.Array, *, eps: float = NORM_EPS) -> tupl
     """
     x, y = _check_pair(x, y)
     lam_x, lam_y = gram_spectra(x, y, eps=eps)
-    frob = x.shape[0] * jnp.sqrt(sga_loss(x[None], y[None], method="gram", eps=eps))
-    return jnp.linalg.norm(lam_x - lam_y), frob
+    return jnp.linalg.norm(lam_x - lam_y), x.shape[0] * gram_distance(x, y, eps=eps)
 
 
 def subspace_bound(x: jax.Array, y: jax.Array, k: int, *, eps: float = NORM_EPS) -> tuple[jax.Array, jax.Array]:

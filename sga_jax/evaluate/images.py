@@ -113,5 +113,5 @@ def batches(files: Sequence[Path], size: int, desc: str, reader: ImageReader) ->
         for path, image in zip(chunk, images):
             if image.shape != images[0].shape:
                 raise ConfigError(f"{path} is {image.shape[1:3]} but {chunk[0]} is {images[0].shape[1:3]}: "
-                                 "images in one batch must share a size (use --batch_size 1 or --size)")
+                                  "images in one batch must share a size (use --batch_size 1 or --size)")
         yield np.concatenate(images)

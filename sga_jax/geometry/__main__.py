@@ -1,11 +1,15 @@
 """python -m sga_jax.geometry --out DIR [--grid G] [--channels C] [--steps S] [--pairs P] [--seed N]
+python -m sga_jax.geometry compare RUN_DIR [RUN_DIR ...] --out DIR [--note TEXT]
 
 The synthetic report on the geometry of the SGA loss: the paper's Propositions 1-3 checked
 numerically (see `sga_jax.geometry.synthetic`), written as DIR/report.md with its plots.
+`compare`: the feature-drift curves of training runs (their `config.probe` records in
+metrics.jsonl) side by side, with the table of final drifts (see `sga_jax.geometry.compare`).
 
 Examples:
   python -m sga_jax.geometry --out out/geometry
   python -m sga_jax.geometry --out out/geometry_big --grid 16 --channels 64 --steps 400
+  python -m sga_jax.geometry compare runs/sga runs/irepa --out out/drift
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from pathlib import Path
 
 from sga_jax import cli
 from sga_jax.errors import UsageError
+from sga_jax.geometry import compare
 from sga_jax.geometry.synthetic import Settings, build_report
 
 
 def parser() -> cli.ArgumentParser:
-    """The command line's arguments."""
+    """The synthetic report's arguments."""
     p = cli.ArgumentParser("python -m sga_jax.geometry", __doc__)
     p.add_argument("--out", type=Path, required=True, help="directory for report.md and the plots")
     p.add_argument("--grid", type=int, default=Settings.grid, help="token grid side (N = grid^2)")
@@ -31,7 +36,25 @@ def parser() -> cli.ArgumentParser:
     return p
 
 
+def compare_parser() -> cli.ArgumentParser:
+    """The `compare` subcommand's arguments."""
+    p = cli.ArgumentParser("python -m sga_jax.geometry compare", compare.__doc__)
+    p.add_argument("runs", nargs="+", type=Path, help="training work directories (metrics.jsonl, config.json)")
+    p.add_argument("--out", type=Path, required=True, help="directory for report.md and the plots")
+    p.add_argument("--note", default="", help="a sentence printed in bold at the top of the report")
+    return p
+
+
+def _compare(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
+    report = compare.build_report(args.runs, args.out, note=args.note)
+    print(f"wrote {report} ({len(args.runs)} runs)")
+    return 0
+
+
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["compare"]:
+        return _compare(argv[1:])
     args = parser().parse_args(argv)
     if args.grid < 3 or args.channels < 6 or args.channels % 2:
         raise UsageError(f"need --grid >= 3 and an even --channels >= 6, got {args.grid} and {args.channels}")
@@ -42,7 +65,8 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point: the synthetic report, or `compare` when it is the first argument;
+    returns the exit status."""
     return cli.run(_main, argv)
 
 

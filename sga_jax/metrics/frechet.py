@@ -77,7 +77,7 @@ def load_statistics(path: str | os.PathLike, name: str, dim: int) -> FeatureStat
         names = sorted({key.split(".")[0] for key in data.files})
         if name not in names:
             raise CheckpointError(f"{path} holds statistics for {names}, not {name!r} "
-                             f"(write them with --save_stats and the {name} network)")
+                                  f"(write them with --save_stats and the {name} network)")
         total = data[f"{name}.total"]
         if total.shape != (dim,):
             raise CheckpointError(f"{path}: the {name} statistics are {total.shape[0]}-d, the network gives {dim}")

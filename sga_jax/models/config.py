@@ -72,7 +72,7 @@ class ModelConfig:
         """Raise a ValueError naming the config class when the `width` field does not split into `heads`."""
         if getattr(self, width) % getattr(self, heads):
             raise ConfigError(f"{type(self).__name__}.{width} {getattr(self, width)} is not divisible by "
-                             f"{heads} {getattr(self, heads)}")
+                              f"{heads} {getattr(self, heads)}")
 
     def check_run_settings(self) -> None:
         """Raise a ValueError naming the config class and every bad run setting."""

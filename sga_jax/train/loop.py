@@ -9,6 +9,7 @@ Work directory (see docs/training.md):
     WORKDIR/checkpoints/<step>/   orbax checkpoints: state, data iterator state, config, metadata
     WORKDIR/samples/              whatever the task's sample hook writes
     WORKDIR/compilation_cache/    JAX's persistent compilation cache (sga_jax.train.compile_cache)
+    WORKDIR/probe/                the feature-drift probe's batch and reference (sga_jax.stages.probe)
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class MetricWriter:
         self.tb = None
         if not self.enabled:
             return
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+        if self.path.exists():  # a fresh start (resume_step 0) keeps nothing, not even a step-0 record
+            lines = self.path.read_text().splitlines() if resume_step else []
+            kept = [line for line in lines if _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -156,6 +158,7 @@ class Run:
     optimizer: Any
     schedule: Any
     setup: state_lib.Setup
+    step_fn: step_lib.StepFn | None = dataclasses.field(default=None, repr=False)  # set by jitted_step
 
 
 def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Run:
@@ -192,16 +195,19 @@ def dry_run_report(run: Run, config_arg: str = "CONFIG") -> str:
 
 def jitted_step(run: Run) -> step_lib.StepFn:
     """The run's train step, jitted with its shardings; call it (and trace it) inside
-    `parallel.activation_sharding(run.mesh, run.rules)`."""
-    config = run.config
-    step = step_lib.make_train_step(
-        run.task, run.setup.graphs, run.optimizer, run.schedule,
-        compute_dtype=config.precision.compute_dtype,
-        grad_accum_steps=config.optimizer.grad_accum_steps,
-        ema_decay=float(config.optimizer.ema_decay),
-        mesh=run.mesh, rules=run.rules,
-    )
-    return step_lib.jit_train_step(step, run.setup)
+    `parallel.activation_sharding(run.mesh, run.rules)`. Built once per run, so later `train`
+    calls given the same run reuse the compiled step."""
+    if run.step_fn is None:
+        config = run.config
+        step = step_lib.make_train_step(
+            run.task, run.setup.graphs, run.optimizer, run.schedule,
+            compute_dtype=config.precision.compute_dtype,
+            grad_accum_steps=config.optimizer.grad_accum_steps,
+            ema_decay=float(config.optimizer.ema_decay),
+            mesh=run.mesh, rules=run.rules,
+        )
+        run.step_fn = step_lib.jit_train_step(step, run.setup)
+    return run.step_fn
 
 
 class StepExecutables:
@@ -296,6 +302,7 @@ class _Loop:
                         disable=not (config.logging.progress_bar and jax.process_index() == 0))
         self.clock = time.perf_counter()  # after the bar's own clock started: pauses never exceed its time
         self.writer = MetricWriter(workdir, resume_step=self.start, tensorboard=config.logging.tensorboard)
+        self.on_start()
 
     def loop(self) -> RunResult:
         """Steps from the restored step to `total_steps`, or until a signal."""
@@ -384,10 +391,24 @@ class _Loop:
                 f"lower the learning rate or check the data before resuming."
             )
 
+    def hook_rng(self, step: int) -> jax.Array:
+        """The key every hook gets at `step`: the run's seed folded with the step."""
+        return jax.random.fold_in(jax.random.key(int(self.config.seed)), step)
+
+    def on_start(self) -> None:
+        """Run the task's start hook, if any, and log its scalars at the start step."""
+        hook = getattr(self.run.task, "start", None)
+        if hook is None:
+            return
+        trainable, frozen = _modules(self.run, self.state, self.frozen)
+        values = hook(trainable, frozen, self.start, self.workdir, self.hook_rng(self.start)) or {}
+        if values:
+            self.writer.write(self.start, {"eval_" + k: float(v) for k, v in values.items()})
+
     def callbacks(self, step: int) -> dict[str, float]:
         """Run the task's sample / eval hooks that are due at `step`; their scalars, prefixed."""
         scalars: dict[str, float] = {}
-        rng = jax.random.fold_in(jax.random.key(int(self.config.seed)), step)
+        rng = self.hook_rng(step)
         for every, name, prefix in ((self.config.get("sample_every", 0), "sample", "sample_"),
                                     (self.config.get("eval_every", 0), "evaluate", "eval_")):
             hook = getattr(self.run.task, name, None)

@@ -45,6 +45,14 @@ Optional hooks (looked up with getattr; absent means "not used"):
     the trainable module's `nn.Frozen` variables ({} when it has none); return the same structure.
     When absent both are initialised from the seed like the trainable module.
 
+``start(trainable, frozen, step, workdir, rng) -> dict[str, float] | None``
+    Called once each time training starts, after the state is initialised (with `load_pretrained`
+    applied) or restored and before the first update of this start; `step` is 0 on a fresh start
+    and the restored step on resume. The modules are the ones `evaluate` gets (EMA parameters when
+    EMA is on; on a fresh start they equal the pre-trained parameters). The place to record what
+    later evaluations compare against (the feature-drift probe, `sga_jax.stages.probe`); returned
+    scalars are logged at `step` with the "eval_" prefix.
+
 ``sample(trainable, frozen, step, workdir, rng) -> dict[str, float] | None``
     Called every `config.sample_every` steps (and at the end) with the EMA parameters when EMA is on;
     writes images under `workdir/samples/` and may return scalars to log.

@@ -17,8 +17,12 @@ the head alone; `export` then writes LoRA files (`lora`: diffusers / PEFT, `lora
 ComfyUI) or the merged model (`diffusers`, `bfl`). Captions are tokenised on the host and encoded inside the step, or read from a caption cache
 written by `python -m sga_jax.encode` (`config.data.caption_cache`).
 
+Every `eval_every` steps the feature-drift probe (`sga_jax.stages.probe`, docs/geometry.md)
+measures how far the image stream after block k has moved from the pre-trained model's on a fixed
+probe batch; the `start` and `evaluate` hooks drive it and the `_probe_*` methods are its taps.
+
 Config: see `configs/flux_sga.py`; the task's own section is `config.model` (the networks and
-their weights), `config.objective`, `config.align`, `config.lora` and `config.sample`.
+their weights), `config.objective`, `config.align`, `config.lora`, `config.probe` and `config.sample`.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from sga_jax.models import clip, flux, nn, t5, vae
 from sga_jax.models.flux import lora as flux_lora
 from sga_jax.text import encode_tokens, load_tokenizer, resolve_paths, tokenize
 from sga_jax.weights import converted
-from sga_jax.stages import common
+from sga_jax.stages import common, probe
 from sga_jax.stages.flux import flow_matching as fm
 from sga_jax.train import plots
 from sga_jax.train.state import FrozenState
@@ -146,12 +150,17 @@ class FluxSGATask:
         align = config.align
         if align.method not in ALIGN_METHODS:
             raise ConfigError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
-        if align.method != "none" and not 0 <= align.block < flux_config.depth:
+        probing = probe.is_enabled(config)
+        if (align.method != "none" or probing) and not 0 <= align.block < flux_config.depth:
             raise ConfigError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
         if config.objective.kind not in OBJECTIVES:
             raise ConfigError(f"config.objective.kind={config.objective.kind!r}: expected one of {OBJECTIVES}")
         self.config = config
         self.networks = Networks(flux_config, vae_config, prior_kind, prior_config, t5_config, clip_config)
+        self.probe = None
+        if probing:
+            taps = probe.Taps(examples=self._probe_examples, prepare=self._probe_prepare, tap=self._probe_tap)
+            self.probe = probe.FeatureProbe(config.probe, taps)
 
     def _head(self, rngs: nnx.Rngs) -> nnx.Module | None:
         align, nets = self.config.align, self.networks
@@ -168,7 +177,7 @@ class FluxSGATask:
     def _frozen(self, rngs: nnx.Rngs) -> FrozenModels:
         nets = self.networks
         prior = None
-        if self.config.align.method != "none":
+        if self.config.align.method != "none" or self.probe is not None:  # the probe measures vanilla runs too
             prior_model = common.PRIOR_MODELS[nets.prior_kind][1](nets.prior, rngs=rngs)
             prior = FoundationEncoder(nets.prior_kind, prior_model, long_edge=self.config.align.long_edge)
         t5_model = t5.T5EncoderModel(nets.t5, rngs=rngs) if nets.t5 is not None else None
@@ -261,17 +270,13 @@ class FluxSGATask:
         x0 = sample.pack(latents)
         ids = sample.image_ids(b, h, w)
         t_key, n_key = jax.random.split(rng)
-        t = fm.sample_timesteps(t_key, b, kind=config.objective.timesteps, mean=config.objective.logit_mean,
-                                std=config.objective.logit_std)
-        if config.objective.shift:
-            t = fm.shift_timesteps(t, sample.schedule_mu(x0.shape[1]))
+        t = self._timesteps(t_key, b, x0.shape[1])
         x_t, target = fm.noisy_sample(x0, jax.random.normal(n_key, x0.shape, jnp.float32), t)
         txt, txt_ids, vec = self._text(frozen, batch)
-        guidance = jnp.full((b,), config.guidance, jnp.float32) if self.networks.flux.guidance_embed else None
         method = config.align.method
         tap = None if method == "none" else int(config.align.block)
         with nn.dropout_rng(jax.random.fold_in(rng, 2)):  # adapter dropout (LoRA runs with config.lora.dropout)
-            out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, guidance, hidden_block=tap)
+            out = trainable.flux(x_t, ids, txt, txt_ids, t, vec, self._guidance(b), hidden_block=tap)
         velocity, hidden = (out, None) if tap is None else out
         velocity = velocity.astype(jnp.float32)
         weights = common.example_weights(batch, b)
@@ -286,6 +291,15 @@ class FluxSGATask:
         align = jnp.sum(weights * self._alignment(trainable.head, frozen.prior, hidden, images, (h // 2, w // 2)))
         metrics[f"loss_{method}"] = align
         return main + config.align.weight * align, metrics
+
+    def _timesteps(self, rng: jax.Array, batch: int, tokens: int) -> jax.Array:
+        """Training times (B,) as `config.objective` samples them (shifted for `tokens` image tokens)."""
+        objective = self.config.objective
+        t = fm.sample_timesteps(rng, batch, kind=objective.timesteps, mean=objective.logit_mean, std=objective.logit_std)
+        return fm.shift_timesteps(t, sample.schedule_mu(tokens)) if objective.shift else t
+
+    def _guidance(self, batch: int) -> jax.Array | None:
+        return jnp.full((batch,), self.config.guidance, jnp.float32) if self.networks.flux.guidance_embed else None
 
     def _alignment(self, head: nnx.Module, prior: FoundationEncoder, hidden: jax.Array, images: jax.Array,
                    hidden_grid: tuple[int, int]) -> jax.Array:
@@ -310,6 +324,60 @@ class FluxSGATask:
         txt, txt_ids, vec = encode_tokens(frozen.t5, frozen.clip, batch, mask_t5=self.config.text.mask_t5)
         return jax.lax.stop_gradient(txt.astype(jnp.float32)), txt_ids, jax.lax.stop_gradient(vec.astype(jnp.float32))
 
+    def start(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array):
+        """The feature-drift probe's start: record the pre-trained tap (fresh start) or read it back."""
+        return None if self.probe is None else self.probe.start(trainable, frozen, step, workdir, rng)
+
+    def evaluate(self, trainable: FluxWithHead, frozen: FrozenModels, step: int, workdir: str,
+                 rng: jax.Array) -> dict[str, float]:
+        """The feature-drift probe's numbers (`sga_jax.stages.probe.METRICS`) at this step."""
+        return {} if self.probe is None else self.probe.measure(trainable)
+
+    def _probe_examples(self, rng: jax.Array) -> dict[str, np.ndarray]:
+        """`config.probe.batch_size` images and captions from the data (the run's seed picks them;
+        filler slots dropped), tokenised or with their cached embeddings, and the noise (on the
+        latent grid) and timesteps (as training samples them) the probe uses at every evaluation."""
+        config = self.config
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        data.global_batch_size, data.worker_count = int(config.probe.batch_size), 0
+        pipeline = make_pipeline(data, seed=int(config.seed), process_index=0, process_count=1)
+        try:
+            batch = next(pipeline)
+        finally:
+            pipeline.close()
+        keep = np.flatnonzero(batch.pop("valid"))
+        if keep.size == 0:
+            raise ConfigError(f"probe: the first batch of {data.path or 'the data'} has no readable image")
+        examples = {k: (np.asarray(v, str) if k in ("caption", "key") else np.asarray(v))[keep] for k, v in batch.items()}
+        if self.text_paths is not None:
+            examples.update(tokenize_captions(_tokenizers(self.text_paths), config.text, list(examples["caption"])))
+        b, height, width, _ = examples["image"].shape
+        h, w = _latent_grid(self.networks.vae, height, width)
+        t_key, n_key = jax.random.split(rng)
+        examples["t"] = np.asarray(self._timesteps(t_key, b, (h // 2) * (w // 2)))
+        examples["noise"] = np.asarray(jax.random.normal(n_key, (b, h, w, self.networks.vae.z_channels), jnp.float32))
+        return examples
+
+    def _probe_prepare(self, frozen: FrozenModels, examples: dict) -> tuple[dict, jax.Array]:
+        """Frozen part of the probe: noisy latents x_t on the latent grid, the text conditioning and
+        the prior's tokens of the probe images."""
+        images = examples["image"]
+        latents = frozen.vae.encode(images).astype(jnp.float32)
+        x_t, _ = fm.noisy_sample(latents, examples["noise"], examples["t"])
+        txt, txt_ids, vec = self._text(frozen, examples)
+        inputs = {"x_t": x_t, "t": examples["t"], "txt": txt, "txt_ids": txt_ids, "vec": vec}
+        return inputs, frozen.prior(images)
+
+    def _probe_tap(self, trainable: FluxWithHead, inputs: dict) -> tuple[jax.Array, jax.Array]:
+        """Flux on the probe inputs: the image stream after double block `config.align.block` (before
+        the head) on its (h/2, w/2) token grid, and the velocity."""
+        x_t = inputs["x_t"]
+        b, h, w, _ = x_t.shape
+        velocity, hidden = trainable.flux(sample.pack(x_t), sample.image_ids(b, h, w), inputs["txt"], inputs["txt_ids"],
+                                          inputs["t"], inputs["vec"], self._guidance(b),
+                                          hidden_block=int(self.config.align.block))
+        return hidden.reshape(b, h // 2, w // 2, hidden.shape[-1]), velocity
+
     @property
     def export_formats(self) -> tuple[str, ...]:
         """Flux in diffusers' or BFL's layout; a LoRA run also its adapters as LoRA files."""
@@ -328,8 +396,8 @@ class FluxSGATask:
         if self.lora:
             path = self.config.model.flux.get("weights", "")
             if not path:
-                raise ValueError("a merged export needs the LoRA's base weights, but this run's "
-                                 "config.model.flux.weights is empty (its base was random)")
+                raise ConfigError("a merged export needs the LoRA's base weights, but this run's "
+                                  "config.model.flux.weights is empty (its base was random)")
             nnx.replace_by_pure_dict(base, self._flux_weights(path, None, self.networks.flux.param_dtype))
             model = flux_lora.merged(nnx.merge(graphdef, weights, base))
         else:
