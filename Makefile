@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-drift bench install clean
+.PHONY: test demo demo-drift bench install plan-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The planner's TPU and GPU compilers (libtpu, the CUDA PJRT plugin, cuDNN), ~1.8 GB to download and
+# ~3.1 GB installed: `python -m sga_jax.plan --target v5p-16|h100x8` needs them, training does not.
+plan-deps: $(STAMP)
+	$(PY) -m pip install -q -r requirements-plan.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

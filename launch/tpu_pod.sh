@@ -24,4 +24,4 @@ REPO=${REPO:-~/sga-jax}
 
 ARGS=$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
-  "cd $REPO && JAX_COMPILATION_CACHE_DIR=$WORKDIR/jax_cache .venv/bin/python -m sga_jax.train$ARGS"
+  "cd $REPO && .venv/bin/python -m sga_jax.train$ARGS"

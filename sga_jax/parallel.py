@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sga_jax.errors import ConfigError
@@ -77,10 +78,26 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all devices)."""
+    """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all devices).
+
+    Devices of several TPU slices (a multi-slice run) are laid out so that the slices split the
+    first axis whose size they divide (data, else fsdp): only that axis crosses the data-center
+    network.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    split = next((i for i, size in enumerate(shape[:2]) if size % slices == 0), None)
+    if split is None:
+        raise ValueError(f"config.mesh: {dict(zip(MESH_AXES, shape))} over {slices} slices needs mesh.data or "
+                         f"mesh.fsdp to be a multiple of {slices} (the axis that crosses slices)")
+    dcn = tuple(slices if i == split else 1 for i in range(len(shape)))
+    ici = tuple(size // d for size, d in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def resolve_rules(rules: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
@@ -190,6 +207,11 @@ def batch_shards(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> int:
     return math.prod(mesh.shape[a] for a in rules.get("batch", ()))
 
 
+def _is_numeric(dtype: np.dtype) -> bool:
+    """Booleans and numbers, ml_dtypes' (bfloat16, a NumPy "void" kind) included; not strings or objects."""
+    return dtype == np.bool_ or jax.dtypes.issubdtype(dtype, np.number)
+
+
 def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str, tuple[str, ...]]) -> dict:
     """Assemble this process's slice of a batch into global jax.Arrays sharded along `batch`.
 
@@ -198,7 +220,7 @@ def host_to_global(local: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[s
     """
     out: dict[str, Any] = {}
     for key, value in local.items():
-        if isinstance(value, (np.ndarray, jax.Array)) and np.asarray(value).dtype.kind in "biuf":
+        if isinstance(value, (np.ndarray, jax.Array)) and _is_numeric(np.asarray(value).dtype):
             value = np.asarray(value)
             sharding = batch_sharding(mesh, rules)
             global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])

@@ -1,5 +1,6 @@
-"""Test-session setup: 8 simulated CPU devices (set before jax is imported), the torchvision stub
-(tests/stubs/sitecustomize.py, for this process and every subprocess) and shared fixtures."""
+"""Test-session setup: 8 simulated CPU devices on the CPU backend (set before jax is imported), the
+torchvision stub (tests/stubs/sitecustomize.py, for this process and every subprocess) and shared
+fixtures."""
 
 import os
 import runpy
@@ -10,6 +11,9 @@ runpy.run_path(str(STUBS / "sitecustomize.py"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(STUBS), os.environ.get("PYTHONPATH"))))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU backend even where a GPU or TPU plugin is installed (requirements-plan.txt): the planner's
+# GPU topologies compile without a GPU only on the CPU client, and the suite is a CPU suite.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # where libtpu is installed, test processes load it side by side
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -32,6 +32,7 @@ from sga_jax.encode.__main__ import main as encode_main
 from sga_jax.errors import CheckpointError, ConfigError
 from sga_jax.evaluate.__main__ import main as evaluate_main
 from sga_jax.geometry.__main__ import main as geometry_main
+from sga_jax.plan.__main__ import main as plan_main
 from sga_jax.sample.__main__ import main as sample_main
 from sga_jax.train.__main__ import main as train_main
 from sga_jax.train.export.__main__ import main as export_main
@@ -265,7 +266,7 @@ def test_geometry(files, capsys):
 @pytest.mark.parametrize("main, command", [
     (train_main, "sga_jax.train"), (export_main, "sga_jax.train.export"), (convert_main, "sga_jax.convert"),
     (sample_main, "sga_jax.sample"), (evaluate_main, "sga_jax.evaluate"), (encode_main, "sga_jax.encode"), (data_main, "sga_jax.data"),
-    (geometry_main, "sga_jax.geometry"),
+    (geometry_main, "sga_jax.geometry"), (plan_main, "sga_jax.plan"),
 ])
 def test_help_shows_examples_and_every_default(main, command, capsys):
     assert main(["--help"]) == 0
@@ -273,7 +274,7 @@ def test_help_shows_examples_and_every_default(main, command, capsys):
     examples = out[out.index("Examples:"):]
     assert sum(line.startswith(f"  python -m {command} ") for line in examples.splitlines()) >= 2, out
     assert "debug" in out and "default: " in out
-    if command in ("sga_jax.train", "sga_jax.encode", "sga_jax.data"):
+    if command in ("sga_jax.train", "sga_jax.encode", "sga_jax.data", "sga_jax.plan"):
         return  # absl prints "(default: ...)" under every flag itself
     parser = sys.modules[main.__module__].parser()
     formatter = parser._get_formatter()

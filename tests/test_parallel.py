@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -71,6 +72,18 @@ def test_host_to_global_shards_the_batch_and_passes_strings_through():
     assert out["x"].sharding.spec == P(("data", "fsdp"))
     assert {s.data.shape for s in out["x"].addressable_shards} == {(2, 3)}
     np.testing.assert_array_equal(np.asarray(out["x"]), x)
+
+
+def test_host_to_global_keeps_bfloat16_and_bool_arrays():
+    """A bf16 caption cache (ml_dtypes: a NumPy "void" kind) and the padding mask reach the step as
+    sharded arrays; object arrays of captions stay on the host."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    txt = np.ones((16, 5, 4), dtype=ml_dtypes.bfloat16)
+    out = parallel.host_to_global({"txt": txt, "valid": np.ones(16, bool), "key": np.array(["k"] * 16, object)},
+                                  mesh, RULES)
+    assert isinstance(out["txt"], jax.Array) and out["txt"].dtype == jnp.bfloat16
+    assert isinstance(out["valid"], jax.Array) and out["valid"].dtype == jnp.bool_
+    assert isinstance(out["key"], np.ndarray)
 
 
 def test_per_device_bytes():

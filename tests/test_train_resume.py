@@ -169,6 +169,7 @@ def test_dry_run_prints_memory_without_training(tmp_path, env):
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out.stdout
     for part in ("params", "optimizer", "ema", "frozen", "total"):
         assert part in out.stdout
+    assert "python -m sga_jax.plan --config configs/toy.py:sharded --target" in out.stdout
     assert not (tmp_path / "w").exists()
 
 

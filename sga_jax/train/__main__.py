@@ -1,7 +1,8 @@
 """python -m sga_jax.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=v ...] [--dry_run]
 
 Trains (or resumes) the run in DIR. --dry_run validates the config, builds the mesh and the
-abstract sharded state, prints the per-device memory estimate and exits without compiling.
+abstract sharded state, prints the state's per-device memory and exits without compiling
+(`python -m sga_jax.plan` compiles the step for a target and adds activations and the peak).
 Weight paths in the config (config.model.*.weights, config.text.root, ...) may be hub ids.
 Exit status: 0 when done or stopped by SIGTERM/SIGINT after saving; 1 when training diverged
 (NaN guard); 2 for a config that cannot run, a bad path or checkpoint, or bad arguments
@@ -29,6 +30,7 @@ from ml_collections import config_flags
 from sga_jax import cli, parallel
 from sga_jax.errors import UsageError
 
+
 def define_flags() -> flags.FlagValues:
     """The command's flags (defined afresh for every run)."""
     flag_values = flags.FlagValues()
@@ -53,7 +55,7 @@ def _main(flag_values: flags.FlagValues, args: list[str]) -> int:
 
     run = build_run(config)
     if dry_run:
-        print(dry_run_report(run), flush=True)
+        print(dry_run_report(run, config_flags.get_config_filename(flag_values["config"])), flush=True)
         return 0
     try:
         result = train(config, workdir, run=run)

@@ -16,6 +16,7 @@ import ml_collections
 
 from sga_jax.errors import ConfigError
 from sga_jax.parallel import DEFAULT_RULES, MESH_AXES
+from sga_jax.train import compile_cache
 from sga_jax.train.optim import SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -58,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nan_guard = ml_collections.ConfigDict({"max_consecutive": 10})
     c.checkpoint = ml_collections.ConfigDict({"max_to_keep": 3, "keep_period": 0, "async_save": True})
     c.logging = ml_collections.ConfigDict({"tensorboard": True, "progress_bar": True})
+    c.compilation_cache = compile_cache.default_config()  # on, in WORKDIR/compilation_cache
     return c
 
 

@@ -8,6 +8,7 @@ Work directory (see docs/training.md):
     WORKDIR/tensorboard/          TensorBoard event files (tensorboardX)
     WORKDIR/checkpoints/<step>/   orbax checkpoints: state, data iterator state, config, metadata
     WORKDIR/samples/              whatever the task's sample hook writes
+    WORKDIR/compilation_cache/    JAX's persistent compilation cache (sga_jax.train.compile_cache)
     WORKDIR/probe/                the feature-drift probe's batch and reference (sga_jax.stages.probe)
 """
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from sga_jax import parallel
 from sga_jax.train import config as config_lib
-from sga_jax.train import optim, state as state_lib, step as step_lib
+from sga_jax.train import compile_cache, optim, state as state_lib, step as step_lib
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.task import Task, get_task
 
@@ -133,7 +134,8 @@ class PreemptionFlag:
                 signal.signal(s, handler)
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """A byte count in binary units with one decimal: 5.6 GiB."""
     unit = 0
     while n >= 1024 and unit < 4:
         n, unit = n / 1024, unit + 1
@@ -142,7 +144,7 @@ def _fmt_bytes(n: float) -> str:
 
 def describe_memory(estimate: dict[str, int]) -> str:
     """One line per part of the per-device memory estimate."""
-    return "\n".join(f"  {name:<12}{_fmt_bytes(size):>12}" for name, size in estimate.items())
+    return "\n".join(f"  {name:<12}{format_bytes(size):>12}" for name, size in estimate.items())
 
 
 @dataclasses.dataclass
@@ -166,16 +168,17 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     mesh = parallel.make_mesh(config.mesh, devices)
     rules = parallel.resolve_rules(config.sharding_rules)
     parallel.check_batch_layout(mesh, rules)
-    config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), jax.process_count())
+    processes = len({d.process_index for d in mesh.devices.flat})  # the target's hosts, also when planning
+    config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), processes)
     task = get_task(config.task, config)
     optimizer, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-    with parallel.activation_sharding(mesh, rules):
-        setup = state_lib.make_setup(task, config, optimizer, mesh, rules)
+    setup = state_lib.make_setup(task, config, optimizer, mesh, rules)  # abstract: runs on any device list
     return Run(config, task, mesh, rules, optimizer, schedule, setup)
 
 
-def dry_run_report(run: Run) -> str:
-    """Mesh, parameter count and per-device memory of a run (what `--dry_run` prints)."""
+def dry_run_report(run: Run, config_arg: str = "CONFIG") -> str:
+    """Mesh, parameter count and per-device memory of a run (what `--dry_run` prints), with the
+    planner command that adds gradients, activations and the peak on a real target."""
     params = run.setup.abstract_state.params
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     lines = [
@@ -184,6 +187,8 @@ def dry_run_report(run: Run) -> str:
         f"{jax.process_count()} process(es)",
         "memory per device (parameters, optimizer state, EMA, frozen incl. a LoRA's base; activations not included):",
         describe_memory(state_lib.memory_estimate(run.setup)),
+        "gradients, activations and the peak: compile the step for the hardware with",
+        f"  python -m sga_jax.plan --config {config_arg} --target h100x8|v5p-16|cpu|... [--all_buckets]",
     ]
     return "\n".join(lines)
 
@@ -263,8 +268,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, run: Run | 
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=ck.max_to_keep,
                                 keep_period=ck.keep_period, async_save=ck.async_save)
     flag = PreemptionFlag()  # installed before restoring and compiling: a signal then stops after one step
+    cache = compile_cache.cache_directory(config, workdir)
     try:
-        with flag.installed(), parallel.activation_sharding(run.mesh, run.rules):
+        with flag.installed(), compile_cache.persistent_cache(cache), parallel.activation_sharding(run.mesh, run.rules):
             return _Loop(run, workdir, checkpointer, flag).loop()
     finally:
         checkpointer.close()

@@ -61,6 +61,15 @@ Optional hooks (looked up with getattr; absent means "not used"):
     Called every `config.eval_every` steps (and at the end), with the EMA parameters when EMA is
     on; the returned scalars are logged with an "eval_" prefix (sample's with "sample_").
 
+``batch_shapes(config, bucket) -> dict[str, jax.ShapeDtypeStruct]``
+    The global shapes and dtypes of the arrays of one batch that `batches` would yield for `bucket`
+    (a (width, height) of `config.data`'s aspect buckets, or None for a task without buckets); host
+    values such as captions are left out. `python -m sga_jax.plan` compiles the step on them.
+
+``plan_levers`` (attribute, default {})
+    Where the task's memory settings live, for the planner's suggestions: {"remat": "model.x.remat",
+    "attention": "model.attention"} (dotted config keys; either may be absent).
+
 ``images_per_example`` (attribute, default 1)
     Used for the images/s figure of the progress bar.
 

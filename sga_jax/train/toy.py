@@ -126,6 +126,10 @@ class ToyTask:
     def batches(self, config: Any, mesh: Mesh, *, seed: int) -> ToyBatches:
         return ToyBatches(config, mesh, seed=seed)
 
+    def batch_shapes(self, config: Any, bucket: None) -> dict[str, jax.ShapeDtypeStruct]:
+        """{"x": (batch_size, features) float32}: the arrays of every batch (there are no buckets)."""
+        return {"x": jax.ShapeDtypeStruct((int(config.batch_size), int(config.toy.features)), jnp.float32)}
+
     def _probe(self, features: int) -> jax.Array:
         return jnp.asarray(np.random.default_rng(12345).standard_normal((16, features), dtype=np.float32))
 

@@ -404,6 +404,26 @@ class FluxSGATask:
             model = nnx.merge(graphdef, weights, base)
         flux.save(model, out, format=format, dtype=dtype)
 
+    plan_levers = {"remat": "model.flux.remat", "attention": "model.attention"}
+
+    def batch_shapes(self, config: ml_collections.ConfigDict, bucket: tuple[int, int] | None) -> dict:
+        """Global shapes of the arrays `batches` yields for a (width, height) bucket: images in
+        [-1, 1], the padding mask, and token ids (or the caption cache's embeddings)."""
+        if bucket is None:
+            raise ValueError("flux_sga batches come in aspect buckets: give a (width, height)")
+        width, height = bucket
+        _latent_grid(self.networks.vae, height, width)
+        b, text, sds = int(config.batch_size), config.text, jax.ShapeDtypeStruct
+        shapes = {"image": sds((b, height, width, 3), jnp.float32), "valid": sds((b,), jnp.bool_)}
+        if config.data.caption_cache:  # the arrays `python -m sga_jax.encode` stored, in its dtype
+            flux_config = self.networks.flux
+            shapes["txt"] = sds((b, text.t5_length, flux_config.context_in_dim), jnp.dtype(text.dtype))
+            shapes["vec"] = sds((b, flux_config.vec_in_dim), jnp.dtype(text.dtype))
+        else:
+            shapes.update({name: sds((b, length), jnp.int32) for name, length in
+                           (("t5_ids", text.t5_length), ("t5_mask", text.t5_length), ("clip_ids", text.clip_length))})
+        return shapes
+
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> "StageBatches":
         """The Grain pipeline of `config.data`, with captions tokenised on the host when encoded on the fly."""
         return StageBatches(config, mesh, seed=seed, text_paths=self.text_paths)
