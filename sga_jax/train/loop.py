@@ -152,7 +152,7 @@ class Run:
     mesh: jax.sharding.Mesh
     rules: dict
     optimizer: Any
-    schedule: Any
+    schedules: dict[str, Any]
     setup: state_lib.Setup
 
 
@@ -165,10 +165,12 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     parallel.check_batch_layout(mesh, rules)
     config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), jax.process_count())
     task = get_task(config.task, config)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+    param_groups = getattr(task, "param_groups", None)
+    labels = param_groups(state_lib.abstract_params(task, config)) if param_groups is not None else None
+    optimizer, schedules = optim.make_optimizer(config.optimizer, config.total_steps, labels)
     with parallel.activation_sharding(mesh, rules):
         setup = state_lib.make_setup(task, config, optimizer, mesh, rules)
-    return Run(config, task, mesh, rules, optimizer, schedule, setup)
+    return Run(config, task, mesh, rules, optimizer, schedules, setup)
 
 
 def jitted_step(run: Run) -> step_lib.StepFn:
@@ -176,7 +178,7 @@ def jitted_step(run: Run) -> step_lib.StepFn:
     `parallel.activation_sharding(run.mesh, run.rules)`."""
     config = run.config
     step = step_lib.make_train_step(
-        run.task, run.setup.graphs, run.optimizer, run.schedule,
+        run.task, run.setup.graphs, run.optimizer, run.schedules,
         compute_dtype=config.precision.compute_dtype,
         grad_accum_steps=config.optimizer.grad_accum_steps,
         ema_decay=float(config.optimizer.ema_decay),
@@ -286,7 +288,7 @@ class _Loop:
         host["images_per_s"] = self.images / max(host["step_time_s"], 1e-9)
         self.clock, self.last = now, host
         self.bar.update(1)
-        terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith("loss_")}  # the task's loss terms
+        terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith(("loss_", "lambda_"))}  # the task's terms
         self.bar.set_postfix(loss=f"{host['loss']:.4g}", **terms, lr=f"{host['lr']:.3g}",
                              step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}")
         if extra or _due(step, int(self.config.log_every), self.total):

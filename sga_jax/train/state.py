@@ -77,6 +77,12 @@ def _build(task: Task, config: Any, seed: jax.Array) -> tuple[nnx.Module, nnx.Mo
     return task.build(config, nnx.Rngs(seed))
 
 
+def abstract_params(task: Task, config: Any) -> dict:
+    """The pure dict of the trainable module's parameters as ShapeDtypeStructs (nothing allocated)."""
+    trainable, _ = nnx.eval_shape(lambda: _build(task, config, jax.random.key(0)))
+    return nnx.to_pure_dict(nnx.state(trainable, nnx.Param))
+
+
 def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: dict) -> Setup:
     """Abstract train state and frozen state, with the shardings their logical axes give on `mesh`.
 
@@ -89,13 +95,14 @@ def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation,
     params = nnx.to_pure_dict(t_params)
     opt_state = jax.eval_shape(optimizer.init, params)
     rep = parallel.replicated(mesh)
-    opt_sh = optax.tree_map_params(
+    masked = optax.transforms.MaskedNode
+    opt_sh = optax.tree_map_params(  # a parameter group's state holds MaskedNode for other groups' leaves
         optimizer,
-        lambda _, sharding: sharding,
+        lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
         opt_state,
         param_sh,
         transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
     )
     ema_on = float(config.optimizer.ema_decay) > 0
     scalar = jax.ShapeDtypeStruct((), jnp.int32)

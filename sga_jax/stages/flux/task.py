@@ -210,8 +210,10 @@ class FluxSGATask:
             return {"model": nnx.to_pure_dict(nnx.state(model))}
         return nnx.to_pure_dict(nnx.state(converted.load_model(name, path, shardings=shardings, **overrides)))
 
-    def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
-        """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart."""
+    def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array, *,
+             step: jax.Array | None = None):
+        """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart (every
+        term is on from the first step)."""
         config = self.config
         images = batch["image"]
         b, height, width, _ = images.shape
