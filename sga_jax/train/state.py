@@ -134,6 +134,14 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def model_key(seed: jax.Array | int) -> jax.Array:
+    """The key `task.build` gets for random initialisation, from `config.seed` (an int or the raw
+    key data of `jax.random.key(seed)`); tasks that initialise frozen parts themselves use it too,
+    so those parts equal what the engine's own initialisation would give."""
+    key = jax.random.key(seed) if isinstance(seed, int) else jax.random.wrap_key_data(seed)
+    return jax.random.split(key)[0]
+
+
 def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation, setup: Setup) -> TrainState:
     """Initialise the train state from `config.seed` directly into its shardings (one jit)."""
 
@@ -201,8 +209,7 @@ def init_frozen(task: Task, config: Any, setup: Setup) -> dict | None:
         return load(setup.abstract_frozen, setup.frozen_shardings)
 
     def init(seed: jax.Array) -> dict:
-        model_key, _ = jax.random.split(jax.random.wrap_key_data(seed))
-        _, frozen = _build(task, config, model_key)
+        _, frozen = _build(task, config, model_key(seed))
         return nnx.to_pure_dict(nnx.split(frozen)[1])
 
     seed = jax.random.key_data(jax.random.key(int(config.seed)))

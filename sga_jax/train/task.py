@@ -80,6 +80,7 @@ from jax.sharding import Mesh
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
     "flux_sga": "sga_jax.stages.flux:FluxSGATask",
+    "vae_sga": "sga_jax.stages.vae:VAESGATask",
 }
 
 

@@ -24,7 +24,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sga_jax import parallel, sample
+from sga_jax import sample
 from sga_jax.weights import converted
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
-from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encode import resolve_paths
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.models import clip, flux, t5, vae
@@ -107,12 +106,7 @@ class FluxSGATask:
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
-        prior_kind = m.prior.kind
-        if prior_kind not in common.PRIOR_MODELS:
-            raise ValueError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
-        prior_cls = common.PRIOR_MODELS[prior_kind][0]
-        prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
-                                           dtype=frozen_dtype, param_dtype=frozen_dtype)
+        prior_kind, prior_config = common.prior_config(m.prior, frozen_dtype)
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
@@ -182,22 +176,9 @@ class FluxSGATask:
             paths["prior"] = m.prior.get("weights", "")
         if self.text_paths is not None:
             paths["t5"], paths["clip"] = str(self.text_paths["t5"]), str(self.text_paths["clip"])
-        state = {name: None for name in abstract}
-        random_parts = [name for name, path in paths.items() if not path]
-        if random_parts:
-            for name in random_parts:
-                log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
-
-            def init(key: jax.Array) -> dict:
-                full = nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1])
-                return {name: full[name] for name in random_parts}
-
-            out_shardings = {name: shardings[name] for name in random_parts}
-            state.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
-        for name, path in paths.items():
-            if path:
-                state[name] = self._load_frozen_part(name, path, shardings[name])
-        return state
+        return common.load_frozen_parts(abstract, shardings, paths, self._load_frozen_part,
+                                        lambda key: nnx.to_pure_dict(nnx.split(self._frozen(nnx.Rngs(key)))[1]),
+                                        int(self.config.seed))
 
     def _load_frozen_part(self, name: str, path: str, shardings: dict) -> dict:
         """One frozen network's variables from `path` (public format or converted directory)."""
@@ -261,7 +242,7 @@ class FluxSGATask:
             "irepa": functools.partial(irepa_loss, alpha=align.irepa_alpha),
             "repa": repa_loss,
         }[align.method]
-        return jax.vmap(lambda g, r: loss_fn(g[None], r[None]))(gen, ref)
+        return common.per_example(loss_fn, gen, ref)
 
     def _text(self, frozen: FrozenModels, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         if "txt" in batch:
@@ -332,28 +313,16 @@ def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool)
     return encode_tokens(t5_model, clip_model, tokens, mask_t5=mask_t5)
 
 
-class StageBatches:
+class StageBatches(common.ImageBatches):
     """Batches for the step: images as global arrays, captions tokenised (or cached embeddings)."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int):
-        self.task_config = config
-        self.mesh = mesh
-        self.rules = parallel.resolve_rules(config.sharding_rules)
-        self.pipeline = make_pipeline(config.data, seed=seed)
+        super().__init__(config, mesh, seed=seed)
         self.tokenizers = None if config.data.caption_cache else _tokenizers(resolve_paths(config.text))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        batch = dict(next(self.pipeline))
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tokenise the captions (unless they come from a cache)."""
         if self.tokenizers is not None:
             captions = [str(c) for c in batch["caption"]]
             batch.update(tokenize_captions(self.tokenizers, self.task_config.text, captions))
-        return parallel.host_to_global(batch, self.mesh, self.rules)
-
-    def get_state(self) -> dict[str, Any]:
-        return self.pipeline.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.pipeline.set_state(state)
+        return batch
