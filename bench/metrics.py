@@ -1,7 +1,8 @@
 """The image metrics side by side with the libraries they follow, on this machine's CPU:
 SSIM (sga-jax in JAX vs scikit-image), the GLCM score (ours in NumPy vs Diffusion-4K's
-scikit-image calls) and CLIP ViT-B/16 image + text features for CLIP score (JAX vs transformers,
-same random weights, fp32). Medians of interleaved rounds after a warm-up.
+scikit-image calls), CLIP ViT-B/16 image + text features for CLIP score (JAX vs transformers,
+same random weights, fp32) and LPIPS-VGG16 forward and forward + backward (JAX vs the lpips
+package, same random trunk and its real lin weights). Medians of interleaved rounds after a warm-up.
 
     python bench/metrics.py [--repeats 5]
 """
@@ -9,31 +10,39 @@ same random weights, fp32). Medians of interleaved rounds after a warm-up.
 from __future__ import annotations
 
 import argparse
+import runpy
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
-from skimage.feature import graycomatrix
-from skimage.measure import shannon_entropy
-from skimage.metrics import structural_similarity
+from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+runpy.run_path(str(ROOT / "tests" / "stubs" / "sitecustomize.py"))  # lpips's torchvision beside the CPU torch wheel
+
+import lpips as reference_lpips  # noqa: E402
+import transformers  # noqa: E402
+from skimage.feature import graycomatrix  # noqa: E402
+from skimage.measure import shannon_entropy  # noqa: E402
+from skimage.metrics import structural_similarity  # noqa: E402
 
 from bench.report import markdown_table, write_section  # noqa: E402
 from sga_jax import metrics  # noqa: E402
 from sga_jax.metrics import texture  # noqa: E402
-from sga_jax.models import clip  # noqa: E402
+from sga_jax.models import clip, lpips  # noqa: E402
 
 SSIM_BATCH, SSIM_SIZE = 4, 512
 GLCM_SIZE = 1024
 CLIP_BATCH = 8
+LPIPS_BATCH, LPIPS_SIZE = 4, 256
 
 
 def skimage_glcm_score(image: np.ndarray) -> float:
@@ -59,6 +68,63 @@ def clip_pair(tmp: str) -> tuple[transformers.CLIPModel, clip.ClipModel]:
     reference = transformers.CLIPModel(config).eval()
     reference.save_pretrained(tmp, safe_serialization=True)
     return reference, clip.load_clip_model(tmp)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm every run up (and compile), then time `repeats` rounds of all of them in turn: (times, medians)."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times, {name: statistics.median(t) for name, t in times.items()}
+
+
+def lpips_rows(repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """LPIPS-VGG16 distance of two batches, forward and forward + input gradient, JAX vs lpips.LPIPS
+    (the same random trunk, the package's lin weights); rows of the table and the JSON record."""
+    reference = reference_lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        trunk = {f"features.{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in reference.net.state_dict().items()}
+        torch.save({**trunk, **reference.state_dict()}, Path(tmp) / "lpips_vgg16.pth")  # + lin{k}, lins.{k}, ...
+        ours = lpips.load(Path(tmp) / "lpips_vgg16.pth")
+    rng = np.random.default_rng(1)
+    x, y = (rng.uniform(-1, 1, size=(LPIPS_BATCH, LPIPS_SIZE, LPIPS_SIZE, 3)).astype(np.float32) for _ in range(2))
+    x_t, y_t = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()) for a in (x, y))
+    graphdef, state = nnx.split(ours)
+    forward = jax.jit(lambda s, a, b: nnx.merge(graphdef, s)(a, b))
+    backward = jax.jit(lambda s, a, b: jax.value_and_grad(lambda a: nnx.merge(graphdef, s)(a, b).sum())(a))
+    x_j, y_j = jnp.asarray(x), jnp.asarray(y)
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            reference(x_t, y_t)
+
+    def torch_backward() -> None:
+        a = x_t.clone().requires_grad_()
+        reference(a, y_t).sum().backward()
+
+    times, med = interleaved_medians({
+        "jax forward": lambda: forward(state, x_j, y_j).block_until_ready(),
+        "torch forward": torch_forward,
+        "jax forward+backward": lambda: jax.block_until_ready(backward(state, x_j, y_j)),
+        "torch forward+backward": torch_backward,
+    }, repeats)
+    with torch.no_grad():
+        want = reference(x_t, y_t).numpy().reshape(-1)
+    error = float(np.abs(np.asarray(forward(state, x_j, y_j)) / want - 1).max())
+    shape = f"batch {LPIPS_BATCH}, {LPIPS_SIZE}x{LPIPS_SIZE}"
+    rows = [
+        {"metric": f"LPIPS-VGG16 forward, {shape}", "sga-jax s": med["jax forward"], "reference": "lpips 0.1.4",
+         "reference s": med["torch forward"], "reference / sga-jax": med["torch forward"] / med["jax forward"]},
+        {"metric": f"LPIPS-VGG16 forward + d/dx, {shape}", "sga-jax s": med["jax forward+backward"],
+         "reference": "lpips 0.1.4 (autograd)", "reference s": med["torch forward+backward"],
+         "reference / sga-jax": med["torch forward+backward"] / med["jax forward+backward"]},
+    ]
+    return rows, {"lpips_times_s": times, "lpips_medians_s": med, "lpips_rel_error": error}
 
 
 def main() -> None:
@@ -95,15 +161,7 @@ def main() -> None:
         "clip jax": lambda: jax.block_until_ready(clip_features(ours, jnp.asarray(pixels), jnp.asarray(ids))),
         "clip torch": torch_clip,
     }
-    for fn in runs.values():
-        fn()  # warm-up (and compile)
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    times, med = interleaved_medians(runs, args.repeats)
 
     ours_image, ours_text = clip_features(ours, jnp.asarray(pixels), jnp.asarray(ids))
     with torch.inference_mode():
@@ -120,14 +178,19 @@ def main() -> None:
          "reference": "transformers (eager)", "reference s": med["clip torch"],
          "reference / sga-jax": med["clip torch"] / med["clip jax"]},
     ]
+    lpips_table, lpips_record = lpips_rows(args.repeats)
+    rows += lpips_table
     body = (
         f"Median of {args.repeats} interleaved rounds after a warm-up (JAX compile excluded); fp32; torch uses "
         f"{torch.get_num_threads()} threads. The same values come out on both sides (tests/test_metrics.py, "
-        f"tests/test_clip_model.py); here the CLIP image features differ by {image_error:.1e} relative to their "
-        "largest entry. Ratios above 1: sga-jax is faster.\n\n" + markdown_table(rows)
+        f"tests/test_clip_model.py, tests/test_lpips.py); here the CLIP image features differ by {image_error:.1e} "
+        f"relative to their largest entry and the LPIPS distances by {lpips_record['lpips_rel_error']:.1e} relative. "
+        "LPIPS runs its two images through the trunk separately and differentiates one of them, as the VAE stage's "
+        "loss does. Ratios above 1: sga-jax is faster.\n\n" + markdown_table(rows)
     )
     write_section("metrics", "Image metrics (bench/metrics.py)", body, {"times_s": times, "medians_s": med,
-                                                                        "clip_image_rel_error": image_error})
+                                                                        "clip_image_rel_error": image_error,
+                                                                        **lpips_record})
     print(markdown_table(rows))
 
 

@@ -106,5 +106,6 @@ def test_aesthetic_score_matches_the_laion_predictor_on_transformers_embeddings(
     ours_predictor = metrics.load_aesthetic_predictor(tmp_path / "aesthetic.safetensors")
     got = metrics.aesthetic_score(ours, ours_predictor, jnp.asarray(images))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="pickle checkpoints"):
-        metrics.load_aesthetic_predictor(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    torch.save({f"layers.{k}": v for k, v in predictor.state_dict().items()}, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    from_pickle = metrics.load_aesthetic_predictor(tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    np.testing.assert_array_equal(np.asarray(metrics.aesthetic_score(ours, from_pickle, jnp.asarray(images))), np.asarray(got))

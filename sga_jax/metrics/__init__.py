@@ -8,6 +8,7 @@
   DINOv2 CLS features (FD-DINOv2) from `sga_jax.models.dinov2`.
 * Prompt alignment (`clip_score.py`): CLIP score with a full CLIP model (`sga_jax.models.clip`).
 * Aesthetics (`aesthetics.py`): the LAION improved aesthetic predictor on CLIP image embeddings.
+* Perceptual distance (`lpips.py`): LPIPS-VGG16 of image pairs, with `sga_jax.models.lpips`.
 
 `python -m sga_jax.evaluate` runs them over folders of images.
 """
@@ -15,6 +16,7 @@
 from sga_jax.metrics.aesthetics import AestheticPredictor, aesthetic_score, load_aesthetic_predictor
 from sga_jax.metrics.clip_score import clip_pixels, clip_score
 from sga_jax.metrics.frechet import FeatureStatistics, dinov2_features, frechet_distance
+from sga_jax.metrics.lpips import lpips_distance, mean_lpips
 from sga_jax.metrics.reconstruction import nmse, psnr, ssim
 from sga_jax.metrics.texture import compression_ratio, glcm_score, grey64
 
@@ -30,6 +32,8 @@ __all__ = [
     "glcm_score",
     "grey64",
     "load_aesthetic_predictor",
+    "lpips_distance",
+    "mean_lpips",
     "nmse",
     "psnr",
     "ssim",

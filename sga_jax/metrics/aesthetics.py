@@ -2,8 +2,8 @@
 L2-normalised, into five linear layers 768-1024-128-64-16-1 with no activations between them
 (their dropouts are inactive at evaluation).
 
-Its weights (`sac+logos+ava1-l14-linearMSE.pth`) are a pickle: convert them to safetensors once
-(the command is in `sga_jax.weights.refuse_pickle`'s message); the keys stay `layers.{0,2,4,6,7}.*`.
+Its weights (`sac+logos+ava1-l14-linearMSE.pth`, keys `layers.{0,2,4,6,7}.*`) load as published, through
+the safe pickle reader of `sga_jax.weights`, or from a safetensors file with the same keys.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class AestheticPredictor(nnx.Module):
 
 
 def load_aesthetic_predictor(path: str | os.PathLike) -> AestheticPredictor:
-    """Load the predictor from a safetensors file with the LAION keys (`layers.0.weight`, ...)."""
+    """Load the predictor from LAION's .pth (or a safetensors file with its keys, `layers.0.weight`, ...)."""
     reader = W.CheckpointReader(path)
     first = f"layers.{CHECKPOINT_LAYERS[0]}.weight"
     if first not in reader:

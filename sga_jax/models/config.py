@@ -19,8 +19,8 @@ class ModelConfig:
     `to_dict()` gives a JSON-ready dict (tuples as lists) that converters store beside weights and
     checkpoints; `from_dict()` inverts it (lists back to tuples, so configs stay hashable and
     usable as static arguments) and names any unknown field. `run_setting_problems()` checks the
-    fields every family has: compute / parameter dtype names, attention implementation and remat
-    policy. Families whose attention needs a bias or mask narrow `attention_implementations`.
+    run settings: compute / parameter dtype names (every family has them), attention
+    implementation and remat policy (where the family has them). Families whose attention needs a bias or mask narrow `attention_implementations`.
     """
 
     attention_implementations: tuple[str, ...] = nn.ATTENTION_IMPLEMENTATIONS
@@ -39,11 +39,12 @@ class ModelConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def run_setting_problems(self) -> list[str]:
-        """What is wrong with dtype / param_dtype / attention / remat, as messages (empty: fine)."""
+        """What is wrong with dtype / param_dtype / attention / remat, as messages (empty: fine).
+        A family without attention or remat settings (a conv net) simply has no such field."""
         problems = []
-        if self.attention not in self.attention_implementations:
+        if hasattr(self, "attention") and self.attention not in self.attention_implementations:
             problems.append(f"attention {self.attention!r} is not one of {self.attention_implementations}")
-        if self.remat not in nn.REMAT_POLICIES:
+        if hasattr(self, "remat") and self.remat not in nn.REMAT_POLICIES:
             problems.append(f"remat {self.remat!r} is not one of {nn.REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
             try:

@@ -20,11 +20,17 @@ CONFIG_FILE = "sga_config.json"
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """Where a model family lives and what its config and module classes are called."""
+    """Where a model family lives and what its config and module classes are called.
+
+    `extra_files` names the further checkpoint files its `load(path, ...)` takes as keyword
+    arguments (LPIPS: `lin`, its head, which ships apart from the trunk); the convert command line
+    offers each as `--NAME FILE`.
+    """
 
     module: str
     config_class: str
     model_class: str
+    extra_files: tuple[str, ...] = ()
 
     def load_module(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -38,6 +44,7 @@ FAMILIES: dict[str, Family] = {
     "sam2": Family("sga_jax.models.sam2", "Sam2HieraConfig", "Sam2Hiera"),
     "t5": Family("sga_jax.models.t5", "T5Config", "T5EncoderModel"),
     "clip": Family("sga_jax.models.clip", "ClipTextConfig", "ClipTextModel"),
+    "lpips": Family("sga_jax.models.lpips", "LPIPSConfig", "LPIPS", extra_files=("lin",)),
 }
 
 

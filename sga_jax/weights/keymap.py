@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sga_jax.weights.reader import CheckpointError, CheckpointReader
+from sga_jax.weights.fileio import CheckpointError
+from sga_jax.weights.reader import CheckpointReader
 from sga_jax.weights.writer import write_safetensors
 
 
@@ -171,7 +172,7 @@ def check_keys(reader: CheckpointReader, key_map: KeyMap, *, ignore: Callable[[s
     missing = sorted(wanted - present)
     unexpected = sorted(k for k in present - wanted if not ignore(k))
     if missing or unexpected:
-        lines = [f"{reader.path}: checkpoint does not match the model"]
+        lines = [f"{' + '.join(map(str, reader.paths))}: checkpoint does not match the model"]
         if missing:
             lines.append(f"  missing {len(missing)} tensors: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if unexpected:

@@ -1,5 +1,6 @@
-"""Reading checkpoints one tensor at a time: safetensors files, sharded indexes and directories,
-without torch and without memory-mapping whole files."""
+"""Reading checkpoints one tensor at a time, without torch and without memory-mapping whole files:
+safetensors files, PyTorch pickles (through `torch_pickle`'s allow-listing unpickler), sharded
+indexes of either, and directories holding them."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from sga_jax.weights.fileio import CheckpointError, read_into
+from sga_jax.weights.torch_pickle import TorchPickleFile
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
-
+# The weight files of Hugging Face / diffusers pickle directories, which also hold other pickles
+# (training_args.bin, optimizer.pt, ...) that are not weights.
+HF_PICKLE_NAMES = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
 
 SAFETENSORS_DTYPES: dict[str, Any] = {
     "F64": np.float64,
@@ -32,81 +37,125 @@ SAFETENSORS_DTYPES: dict[str, Any] = {
 SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: missing, unexpected or mis-shaped tensors, or a bad file."""
+class TensorFile(Protocol):
+    """One checkpoint file as a name -> tensor mapping (what `CheckpointReader` merges)."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def read(self, key: str) -> np.ndarray: ...
+
+    def metadata(self) -> dict[str, str]: ...
 
 
-def refuse_pickle(path: str | os.PathLike) -> None:
-    """Raise a clear error for pickle-based checkpoints, which are never loaded."""
-    name = str(path)
-    if name.endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(
-            f"{name}: pickle checkpoints (.pt/.pth/.bin/.ckpt) are refused because unpickling runs "
-            "arbitrary code. Convert it to safetensors once, in an environment you trust, e.g. "
-            "`python -c \"import torch, safetensors.torch as st; "
-            "st.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\"`, "
-            "or use the model's `save_pretrained(..., safe_serialization=True)`."
-        )
+class SafetensorsFile:
+    """One safetensors file: opened (and validated) by safetensors, tensors read by positional reads."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._handle = safe_open(str(self.path), framework="numpy")
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({err})") from err
+        self._layout: tuple[int, dict[str, Any]] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._handle.metadata() or {})
+
+    def read(self, key: str) -> np.ndarray:
+        base, header = self._header()
+        entry = header[key]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        out = np.empty(entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]])
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        if len(buffer) != end - start:
+            raise CheckpointError(f"{self.path}: tensor {key!r} spans {end - start} bytes, its shape needs {len(buffer)}")
+        read_into(self.path, base + start, buffer, f"tensor {key!r}")
+        return out
+
+    def _header(self) -> tuple[int, dict[str, Any]]:
+        """(offset of the data section, header entries), parsed once."""
+        if self._layout is None:
+            with open(self.path, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                self._layout = (8 + size, json.loads(handle.read(size)))
+        return self._layout
+
+
+def open_tensor_file(path: Path) -> TensorFile:
+    """A reader for one file, chosen by its suffix: safetensors, or a PyTorch pickle."""
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path)
+    if path.name.endswith(PICKLE_SUFFIXES):
+        return TorchPickleFile(path)
+    raise CheckpointError(f"{path}: expected a .safetensors file, a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)}), "
+                          "an index.json or a directory")
 
 
 class CheckpointReader:
-    """Read-only view of one or more safetensors files as a single name -> tensor mapping.
+    """Read-only view of one or more checkpoint files as a single name -> tensor mapping.
 
-    `path` may be a .safetensors file, a `*.safetensors.index.json`, or a directory holding either
-    (an index wins; otherwise every .safetensors file in it is read). Headers are read once;
-    tensors are read one at a time, on demand. `prefix` is stripped from every key that has it (e.g. BFL's
+    `path` may be a .safetensors file, a PyTorch pickle (.pt/.pth/.bin/.ckpt, zip or legacy
+    `torch.save` format, read by an allow-listing unpickler that never runs code from the file), a
+    sharded `*.index.json` of either, or a directory. A directory is read as its safetensors
+    (an index wins, else every .safetensors file), and only when it has none as its pickles (an
+    index, else `pytorch_model.bin` / `diffusion_pytorch_model.bin`, else every pickle file).
+    Headers and pickles are parsed once; tensors are read one at a time, on demand. Nested
+    containers in a pickle are flattened with "." (`{"state_dict": {"w": t}}` gives
+    "state_dict.w"). `path` may also be a list of such paths, read as one (a key in two is an
+    error), e.g. a trunk and its head shipped as separate files. `prefix` is stripped from every key that has it (e.g. BFL's
     "model.diffusion_model." or CLIP's "text_model.").
     """
 
-    def __init__(self, path: str | os.PathLike, *, prefix: str = "", subfolder_hint: str = ""):
-        self.path = Path(path)
-        files = self._files(self.path, subfolder_hint)
-        self._handles: dict[Path, Any] = {}
-        self._layouts: dict[Path, tuple[int, dict[str, Any]]] = {}
-        self._where: dict[str, tuple[Path, str]] = {}
-        for file in files:
-            handle = self._open(file)
-            for key in handle.keys():
+    def __init__(self, path: str | os.PathLike | Sequence[str | os.PathLike], *, prefix: str = "",
+                 subfolder_hint: str = ""):
+        self.paths = tuple(Path(p) for p in path) if isinstance(path, (list, tuple)) else (Path(path),)
+        if not self.paths:
+            raise ValueError("CheckpointReader needs at least one path")
+        self.path = self.paths[0]
+        self._where: dict[str, tuple[TensorFile, str]] = {}
+        for file in (f for p in self.paths for f in self._files(p, subfolder_hint)):
+            tensors = open_tensor_file(file)
+            for key in tensors.keys():
                 name = key[len(prefix):] if prefix and key.startswith(prefix) else key
                 if name in self._where:
-                    raise CheckpointError(f"{file}: tensor {key!r} is also in {self._where[name][0]}")
-                self._where[name] = (file, key)
+                    raise CheckpointError(f"{file}: tensor {key!r} is also in {self._where[name][0].path}")
+                self._where[name] = (tensors, key)
 
     @staticmethod
     def _files(path: Path, subfolder_hint: str) -> list[Path]:
-        refuse_pickle(path)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.is_dir():
             if subfolder_hint and (path / subfolder_hint).is_dir():
                 path = path / subfolder_hint
-            indexes = sorted(path.glob("*.safetensors.index.json"))
-            if indexes:
-                return CheckpointReader._files(indexes[0], "")
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                pickles = [p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
-                if pickles:
-                    refuse_pickle(path / pickles[0])
-                raise CheckpointError(f"{path}: no .safetensors files in this directory")
-            return files
+            for pattern in ("*.safetensors.index.json", "*.safetensors", "*.bin.index.json"):
+                found = sorted(path.glob(pattern))
+                if found:
+                    return CheckpointReader._files(found[0], "") if pattern.endswith(".json") else found
+            pickles = [path / name for name in HF_PICKLE_NAMES if (path / name).is_file()]
+            pickles = pickles or sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+            if not pickles:
+                raise CheckpointError(f"{path}: no .safetensors files or PyTorch pickles in this directory")
+            return pickles
         if path.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{path}: not a safetensors index (needs a 'weight_map'): {err}") from err
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{path}: not a checkpoint index (needs a 'weight_map'): {err}") from err
             return [path.parent / name for name in sorted(set(weight_map.values()))]
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a .safetensors file, an index.json or a directory")
         return [path]
-
-    def _open(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="numpy")
-            except Exception as err:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-        return self._handles[file]
 
     def keys(self) -> list[str]:
         """All tensor names (prefix stripped), sorted."""
@@ -116,57 +165,27 @@ class CheckpointReader:
         return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """The stored shape of `key`, read from the header only."""
+        """The stored shape of `key`, read from the header (or pickle) only."""
         file, name = self._locate(key)
-        return tuple(self._open(file).get_slice(name).get_shape())
+        return file.shape(name)
 
     def read(self, key: str) -> np.ndarray:
-        """Read one tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16).
-
-        Uses positional file reads, not a memory map: every page of a mapped file that has been
-        touched counts towards the process's resident memory until the map closes, which would
-        make a streaming conversion hold the whole checkpoint.
-        """
+        """Read one tensor as a numpy array in its stored dtype (bf16 as ml_dtypes.bfloat16)."""
         file, name = self._locate(key)
-        base, header = self._layout(file)
-        entry = header[name]
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        out = np.empty(entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]])
-        buffer = memoryview(out.reshape(-1).view(np.uint8))
-        if len(buffer) != end - start:
-            raise CheckpointError(f"{file}: tensor {name!r} spans {end - start} bytes, its shape needs {len(buffer)}")
-        with open(file, "rb", buffering=0) as handle:
-            handle.seek(base + start)
-            done = 0
-            while done < len(buffer):
-                count = handle.readinto(buffer[done:])
-                if not count:
-                    raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
-                done += count
-        return out
-
-    def _layout(self, file: Path) -> tuple[int, dict[str, Any]]:
-        """(offset of the data section, header entries) of one file, parsed once."""
-        if file not in self._layouts:
-            with open(file, "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                self._layouts[file] = (8 + size, json.loads(handle.read(size)))
-        return self._layouts[file]
+        return file.read(name)
 
     def metadata(self) -> dict[str, str]:
         """The string metadata of the file headers (`__metadata__`), merged over all files."""
         merged: dict[str, str] = {}
         for file in dict.fromkeys(f for f, _ in self._where.values()):
-            merged.update(self._open(file).metadata() or {})
+            merged.update(file.metadata())
         return merged
 
     def file_of(self, key: str) -> Path:
         """The file a tensor lives in (for error messages)."""
-        return self._locate(key)[0]
+        return self._locate(key)[0].path
 
-    def _locate(self, key: str) -> tuple[Path, str]:
+    def _locate(self, key: str) -> tuple[TensorFile, str]:
         if key not in self._where:
             raise CheckpointError(f"{self.path}: no tensor named {key!r}")
         return self._where[key]
