@@ -3,7 +3,8 @@ VAE at toy scale on this CPU.
 
 Real images (scikit-image's bundled photographs; two others held out for the PSNR / SSIM / LPIPS
 eval and the reconstruction grids), but tiny, RANDOMLY INITIALISED networks: the F16 VAE of
-configs/demo.py (width 32, 4 levels, one res block each), a DINOv2 prior, a 2-layer PatchGAN. The
+configs/demo.py (width 32, 4 levels, one res block each), a DINOv2 prior, a 2-layer PatchGAN, and
+LPIPS with a random VGG16 trunk but the lpips package's real lin weights. The
 VAE starts from random weights (there is no pre-trained tiny VAE), so the moment and
 scale-consistency anchors hold it near its own start, as they hold a real run near the pre-trained
 Flux VAE. Every term of the paper's stage 1 is on. Its export is the VAE that stage 2's demo trains
@@ -17,12 +18,13 @@ import os
 import ml_collections
 
 from configs.vae_sga import parse_row, stage_config
-from sga_jax.demo import prepare_demo_assets
+from sga_jax.demo import prepare_demo_assets, prepare_demo_lpips
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Tiny stage-1 run; `arg` is a row as in configs/vae_sga.py (default: dinov2 with SGA)."""
-    assets = prepare_demo_assets(os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets"))
+    directory = os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets")
+    assets = prepare_demo_assets(directory)
     config = stage_config(parse_row(arg or "dinov2"))
     config.total_steps = 120
     config.batch_size = 4
@@ -43,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.prior.preset = "tiny"
     m.prior.overrides = {"patch_size": 14, "image_size": 112}
     m.disc.ndf, m.disc.n_layers = 16, 2
+    m.lpips.trunk = str(prepare_demo_lpips(directory))  # random trunk, the lpips package's lin weights
     config.loss.gan.start = 60
     config.loss.moment.weight = 0.1
     config.loss.sc.weight = 0.1

@@ -45,6 +45,7 @@ from sga_jax import parallel
 from sga_jax.align import SGAHead, adaptive_avg_pool, grid_to_tokens, sga_loss
 from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encoders import FoundationEncoder
+from sga_jax.metrics.lpips import lpips_distance
 from sga_jax.metrics.reconstruction import psnr, ssim
 from sga_jax.models import discriminator, lpips, nn, vae
 from sga_jax.stages import common
@@ -419,8 +420,7 @@ class VAESGATask:
         images, recon = self._reconstruct(trainable)
         out = {"psnr": float(jnp.mean(psnr(recon, images))), "ssim": float(jnp.mean(ssim(recon, images)))}
         if frozen.lpips is not None:
-            graphdef, state = nnx.split(frozen.lpips)
-            out["lpips"] = float(jnp.mean(_lpips(graphdef, state, recon, images)))
+            out["lpips"] = float(jnp.mean(lpips_distance(frozen.lpips, recon, images)))
         return out
 
     def sample(self, trainable: VAEWithHeads, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
@@ -451,7 +451,3 @@ def _reconstruct(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) ->
     mean, _ = ae.encode_moments(images)
     return jnp.clip(ae.decoder(mean).astype(jnp.float32), -1.0, 1.0)
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _lpips(graphdef: nnx.GraphDef, state: nnx.State, a: jax.Array, b: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(a, b)
