@@ -20,10 +20,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sga_jax.geometry --out out/geometry
-	rm -rf out/demo
-	$(PY) -m sga_jax.train --config configs/demo.py --workdir out/demo
-	@echo "demo outputs: out/demo/{checkpoints,tensorboard,samples}/, out/demo/metrics.jsonl," \
-	      "out/demo/loss_curve.png; loss-geometry report: out/geometry/report.md"
+	rm -rf out/demo_vae out/demo_vae_export out/demo
+	$(PY) -m sga_jax.train --config configs/demo_vae.py --workdir out/demo_vae
+	$(PY) -m sga_jax.train.export --workdir out/demo_vae --out out/demo_vae_export --format diffusers
+	$(PY) -m sga_jax.train --config configs/demo.py --workdir out/demo \
+	    --config.model.vae.weights=out/demo_vae_export
+	@echo "demo outputs: stage 1 out/demo_vae/ (metrics.jsonl with eval_psnr, samples/ original |" \
+	      "reconstruction grids), its F16 VAE out/demo_vae_export/ (diffusers layout); stage 2 against" \
+	      "it out/demo/{checkpoints,tensorboard,samples}/, out/demo/metrics.jsonl, out/demo/loss_curve.png;" \
+	      "loss-geometry report: out/geometry/report.md"
 
 bench: $(STAMP)
 	for script in bench/*.py; do $(PY) $$script || exit 1; done

@@ -36,12 +36,7 @@ def stage_config(tmp_path_factory, monkeypatch_module):
         config.batch_size = 2
         config.model.disc.ndf = 8
         config.loss.gan.start = 0
-        for key, value in overrides.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for name in parents:
-                node = node[name]
-            node[leaf] = value
+        config.update_from_flattened_dict(overrides)
         return config
 
     return make
