@@ -238,3 +238,38 @@ def test_load_pretrained_with_a_wrong_shape_names_the_key(engines):
     engine = engines["sharded"].reset()
     with pytest.raises(ValueError, match=r"\['out'\]\['kernel'\] has shape \(3, 8\), expected \(16, 8\)"):
         state_lib.load_pretrained(WrongShapeTask(), engine.state, engine.run.setup)
+
+
+class TwoGroupTask(ToyTask):
+    """The toy student split into groups: its blocks in "slow" (own learning rate and start step),
+    its input layer frozen, the rest default."""
+
+    def param_groups(self, params):
+        labels = jax.tree.map(lambda _: "default", params)
+        labels["blocks"] = jax.tree.map(lambda _: "slow", params["blocks"])
+        labels["inp"] = jax.tree.map(lambda _: "frozen", params["inp"])
+        return labels
+
+
+def test_parameter_groups_train_apart_and_checkpoint(tmp_path):
+    from sga_jax.train.checkpoint import Checkpointer
+
+    config = toy_config(task="test_train_step:TwoGroupTask", **{"optimizer.ema_decay": 0.0})
+    config.optimizer.groups = {"slow": {"learning_rate": 1e-4, "start_step": 1, "warmup_steps": 0}}
+    engine = Engine(config)
+    before = host(engine.state.params)
+    first = engine.step()
+    assert first["lr_slow"] == 0.0 and first["lr"] == 0.0  # slow starts at update 1; default warms up over 2
+    second = engine.step()
+    assert second["lr_slow"] == pytest.approx(1e-4) and second["lr"] > 0
+    after = host(engine.state.params)
+    jax.tree.map(np.testing.assert_array_equal, after["inp"], before["inp"])
+    assert not np.array_equal(after["blocks"]["up"]["kernel"], before["blocks"]["up"]["kernel"])
+    assert not np.array_equal(after["out"]["kernel"], before["out"]["kernel"])
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    checkpointer.save(2, engine.state, engine.batches.get_state(), {"seed": 0})
+    setup = engine.run.setup
+    restored, _, _, _ = checkpointer.restore(2, state_lib.with_shardings(setup.abstract_state, setup.state_shardings))
+    checkpointer.close()
+    jax.tree.map(np.testing.assert_array_equal, host(restored), host(engine.state))

@@ -260,3 +260,24 @@ def test_key_maps_cover_the_real_flux_vae_exactly():
     f16 = abstract(vae.AutoEncoderConfig.flux_f16())
     shapes = lambda s: {k: v.get_value().shape for k, v in W.flat_params(s).items()}  # noqa: E731
     assert shapes(f16) == shapes(params)
+
+
+def test_encoder_features_and_the_other_form_share_parameters(reference, inputs):
+    """`Encoder(..., return_features=True)` gives diffusers' encoder conv_out input; `in_form(f16=True)`
+    of the F8 model is the F16 model on the same parameters."""
+    torch_model, path = reference
+    image, latent = inputs
+    seen = {}
+    handle = torch_model.encoder.conv_out.register_forward_hook(lambda m, args, out: seen.__setitem__("x", args[0]))
+    mean, logvar, _ = _torch_outputs(torch_model, image, latent)
+    handle.remove()
+    ae = vae.load(path)
+    graphdef, state = nnx.split(ae)
+    moments, features = jax.jit(lambda s, x: nnx.merge(graphdef, s).encoder(x, return_features=True))(state, image)
+    assert_close_relative(features, nchw_to_nhwc(seen["x"]), TOL, "encoder features before conv_out")
+    assert_close_relative(np.asarray(moments)[..., :8], mean, TOL, "moments")
+
+    f16 = ae.in_form(True)
+    assert f16.config.f16 and f16.config.downsample_factor == 16 and ae.in_form(False) is ae
+    assert f16.encoder.conv_in.kernel is ae.encoder.conv_in.kernel
+    np.testing.assert_array_equal(_jit(f16, "encode_moments")(image)[0], _jit(vae.load(path, f16=True), "encode_moments")(image)[0])

@@ -1,5 +1,6 @@
 """The paper's training stages, each a Task (`sga_jax.train.task`) that the engine runs.
 
+- `vae/`: stage 1, SGA fine-tuning of the F16 Flux VAE with a patch GAN (task `vae_sga`)
 - `flux/`: stage 2, SGA fine-tuning of Flux (task `flux_sga`)
 - `common.py`: what the stages share (model configs from config sections, the priors, loss weights)
 

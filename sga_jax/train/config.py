@@ -17,7 +17,7 @@ import ml_collections
 from sga_jax.errors import ConfigError
 from sga_jax.parallel import DEFAULT_RULES, MESH_AXES
 from sga_jax.train import compile_cache
-from sga_jax.train.optim import SCHEDULES
+from sga_jax.train.optim import DEFAULT_GROUP, FROZEN_GROUP, GROUP_FIELDS, SCHEDULES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
             "warmup_steps": 0,
             "decay_steps": 0,  # cosine: 0 means total_steps
             "min_lr_ratio": 0.0,
+            "start_step": 0,  # updates before it have learning rate 0
             "b1": 0.9,
             "b2": 0.999,
             "eps": 1e-8,
@@ -53,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
             "grad_clip_norm": 1.0,  # 0: no clipping
             "grad_accum_steps": 1,
             "ema_decay": 0.0,  # 0: no EMA
+            # parameter groups of tasks with a `param_groups` hook: {name: {key: value}} overriding
+            # the keys above (sga_jax.train.optim.GROUP_FIELDS) for the parameters labelled `name`
+            "groups": {},
         }
     )
     c.precision = ml_collections.ConfigDict({"compute_dtype": "float32", "param_dtype": "float32"})
@@ -91,12 +95,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(size, int) or (size < 1 and size != -1):
             _fail(f"mesh.{axis}", size, "a positive integer or -1")
     opt = config.optimizer
-    if opt.schedule not in SCHEDULES:
-        _fail("optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
-    if not opt.learning_rate > 0:
-        _fail("optimizer.learning_rate", opt.learning_rate, "> 0")
-    if not 0 <= opt.warmup_steps:
-        _fail("optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+    _validate_group("optimizer", opt)
+    for name, group in opt.get("groups", {}).items():
+        if name in (DEFAULT_GROUP, FROZEN_GROUP):
+            _fail(f"optimizer.groups.{name}", group, f"a group name other than {DEFAULT_GROUP!r} and {FROZEN_GROUP!r}")
+        _validate_group(f"optimizer.groups.{name}", {**{k: opt[k] for k in GROUP_FIELDS if k in opt}, **group})
     if not 0 <= opt.ema_decay < 1:
         _fail("optimizer.ema_decay", opt.ema_decay, "in [0, 1)")
     if not isinstance(opt.grad_accum_steps, int) or opt.grad_accum_steps < 1:
@@ -115,6 +118,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         json.dumps(config.to_dict())
     except TypeError as e:
         raise ConfigError(f"config is not JSON-serialisable (it is saved with every checkpoint): {e}") from e
+
+
+def _validate_group(prefix: str, opt: Any) -> None:
+    """Checks of one parameter group's optimizer settings (`config.optimizer` or one of its groups)."""
+    if opt["schedule"] not in SCHEDULES:
+        _fail(f"{prefix}.schedule", opt["schedule"], f"one of {SCHEDULES}")
+    if not opt["learning_rate"] > 0:
+        _fail(f"{prefix}.learning_rate", opt["learning_rate"], "> 0")
+    for key in ("warmup_steps", "start_step"):
+        if not isinstance(opt.get(key, 0), int) or opt.get(key, 0) < 0:
+            _fail(f"{prefix}.{key}", opt.get(key), "an integer >= 0")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, batch_shards: int, num_processes: int) -> None:

@@ -156,7 +156,7 @@ class Run:
     mesh: jax.sharding.Mesh
     rules: dict
     optimizer: Any
-    schedule: Any
+    schedules: dict[str, Any]
     setup: state_lib.Setup
     step_fn: step_lib.StepFn | None = dataclasses.field(default=None, repr=False)  # set by jitted_step
 
@@ -171,9 +171,12 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     processes = len({d.process_index for d in mesh.devices.flat})  # the target's hosts, also when planning
     config_lib.validate_for_mesh(config, parallel.batch_shards(mesh, rules), processes)
     task = get_task(config.task, config)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-    setup = state_lib.make_setup(task, config, optimizer, mesh, rules)  # abstract: runs on any device list
-    return Run(config, task, mesh, rules, optimizer, schedule, setup)
+    param_groups = getattr(task, "param_groups", None)
+    labels = param_groups(state_lib.abstract_params(task, config)) if param_groups is not None else None
+    optimizer, schedules = optim.make_optimizer(config.optimizer, config.total_steps, labels)
+    with parallel.activation_sharding(mesh, rules):
+        setup = state_lib.make_setup(task, config, optimizer, mesh, rules)  # abstract: runs on any device list
+    return Run(config, task, mesh, rules, optimizer, schedules, setup)
 
 
 def dry_run_report(run: Run, config_arg: str = "CONFIG") -> str:
@@ -200,7 +203,7 @@ def jitted_step(run: Run) -> step_lib.StepFn:
     if run.step_fn is None:
         config = run.config
         step = step_lib.make_train_step(
-            run.task, run.setup.graphs, run.optimizer, run.schedule,
+            run.task, run.setup.graphs, run.optimizer, run.schedules,
             compute_dtype=config.precision.compute_dtype,
             grad_accum_steps=config.optimizer.grad_accum_steps,
             ema_decay=float(config.optimizer.ema_decay),
@@ -376,7 +379,7 @@ class _Loop:
             host["compile_s"] = compile_s
         self.clock, self.last = now, host
         self.bar.update(1)
-        terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith("loss_")}  # the task's loss terms
+        terms = {k: f"{v:.4g}" for k, v in host.items() if k.startswith(("loss_", "lambda_"))}  # the task's terms
         self.bar.set_postfix(loss=f"{host['loss']:.4g}", **terms, lr=f"{host['lr']:.3g}",
                              step_s=f"{host['step_time_s']:.3f}", img_s=f"{host['images_per_s']:.1f}",
                              compile_s=f"{self.compile_total:.1f}")

@@ -103,6 +103,12 @@ def _build(task: Task, config: Any, seed: jax.Array) -> tuple[nnx.Module, nnx.Mo
     return task.build(config, nnx.Rngs(seed))
 
 
+def abstract_params(task: Task, config: Any) -> dict:
+    """The pure dict of the trainable module's parameters as ShapeDtypeStructs (nothing allocated)."""
+    trainable, _ = nnx.eval_shape(lambda: _build(task, config, jax.random.key(0)))
+    return nnx.to_pure_dict(nnx.state(trainable, nnx.Param))
+
+
 def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation, mesh: Mesh, rules: dict) -> Setup:
     """Abstract train state and frozen state, with the shardings their logical axes give on `mesh`.
 
@@ -115,13 +121,14 @@ def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation,
     params = nnx.to_pure_dict(t_params)
     opt_state = jax.eval_shape(optimizer.init, params)
     rep = parallel.replicated(mesh)
-    opt_sh = optax.tree_map_params(
+    masked = optax.transforms.MaskedNode
+    opt_sh = optax.tree_map_params(  # a parameter group's state holds MaskedNode for other groups' leaves
         optimizer,
-        lambda _, sharding: sharding,
+        lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
         opt_state,
         param_sh,
         transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
     )
     ema_on = float(config.optimizer.ema_decay) > 0
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -152,6 +159,14 @@ def make_setup(task: Task, config: Any, optimizer: optax.GradientTransformation,
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying their target shardings (what orbax restores into)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def model_key(seed: jax.Array | int) -> jax.Array:
+    """The key `task.build` gets for random initialisation, from `config.seed` (an int or the raw
+    key data of `jax.random.key(seed)`); tasks that initialise frozen parts themselves use it too,
+    so those parts equal what the engine's own initialisation would give."""
+    key = jax.random.key(seed) if isinstance(seed, int) else jax.random.wrap_key_data(seed)
+    return jax.random.split(key)[0]
 
 
 def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation, setup: Setup) -> TrainState:
@@ -221,8 +236,7 @@ def init_frozen(task: Task, config: Any, setup: Setup) -> FrozenState:
         return loaded
 
     def init(seed: jax.Array) -> FrozenState:
-        model_key, _ = jax.random.split(jax.random.wrap_key_data(seed))
-        trainable, frozen = _build(task, config, model_key)
+        trainable, frozen = _build(task, config, model_key(seed))
         module = nnx.to_pure_dict(nnx.split(frozen)[1]) if frozen is not None else None
         return FrozenState(trainable=nnx.to_pure_dict(split_module(trainable)[2]), module=module)
 

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from sga_jax import parallel
+from sga_jax.train.optim import DEFAULT_GROUP
 from sga_jax.train.state import FrozenState, Graphs, Setup, TrainState, cast_floating, merge_frozen, merge_trainable
 from sga_jax.train.task import Task
 
@@ -50,7 +51,7 @@ def make_train_step(
     task: Task,
     graphs: Graphs,
     optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    schedules: dict[str, optax.Schedule],
     *,
     compute_dtype: str = "float32",
     grad_accum_steps: int = 1,
@@ -59,14 +60,15 @@ def make_train_step(
     rules: dict | None = None,
 ) -> StepFn:
     """The un-jitted train step. With `mesh` and `rules`, micro-batches are constrained to the batch
-    sharding. Metrics: loss, the task's metrics, grad_norm, lr (of this update), skipped (0/1),
-    nan_skips and nan_streak (after this step)."""
+    sharding. The task's loss gets `step=state.step` (the iteration, counted from 0). Metrics: loss,
+    the task's metrics, grad_norm, lr (of this update; `lr_<group>` for each further parameter
+    group), skipped (0/1), nan_skips and nan_streak (after this step)."""
     dtype = jnp.dtype(compute_dtype)
     k = int(grad_accum_steps)
 
-    def loss_fn(params: dict, model_state: dict, frozen: FrozenState, batch: dict, rng: jax.Array):
+    def loss_fn(params: dict, model_state: dict, frozen: FrozenState, batch: dict, rng: jax.Array, step: jax.Array):
         trainable = merge_trainable(graphs.trainable, cast_floating(params, dtype), frozen, model_state)
-        loss, metrics = task.loss(trainable, merge_frozen(graphs, frozen), batch, rng)
+        loss, metrics = task.loss(trainable, merge_frozen(graphs, frozen), batch, rng, step=step)
         return loss.astype(jnp.float32), {name: v.astype(jnp.float32) for name, v in metrics.items()}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -81,13 +83,13 @@ def make_train_step(
 
     def grads_and_metrics(state: TrainState, frozen: Any, batch: dict, rng: jax.Array):
         if k == 1:
-            (loss, metrics), grads = grad_fn(state.params, state.model_state, frozen, batch, rng)
+            (loss, metrics), grads = grad_fn(state.params, state.model_state, frozen, batch, rng, state.step)
             return loss, metrics, grads
         micro = split_micro_batches(batch, k)
 
         def micro_step(index: jax.Array, micro_batch: dict):
             rng_i = jax.random.fold_in(rng, index)
-            return grad_fn(state.params, state.model_state, frozen, constrain(micro_batch), rng_i)
+            return grad_fn(state.params, state.model_state, frozen, constrain(micro_batch), rng_i, state.step)
 
         shapes = jax.eval_shape(micro_step, jnp.int32(0), jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -121,11 +123,14 @@ def make_train_step(
             nan_skips=state.nan_skips + skipped,
             nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
         )
+        updates_applied = state.step - state.nan_skips
+        rates = {"lr" if name == DEFAULT_GROUP else f"lr_{name}": jnp.asarray(schedule(updates_applied), jnp.float32)
+                 for name, schedule in schedules.items()}
         out = {
             "loss": loss,
             **metrics,
             "grad_norm": optax.global_norm(grads),
-            "lr": jnp.asarray(schedule(state.step - state.nan_skips), jnp.float32),
+            **rates,
             "skipped": skipped,
             "nan_skips": new_state.nan_skips,
             "nan_streak": new_state.nan_streak,

@@ -13,11 +13,15 @@ logging and signals; a Task owns the models, the loss and the data. A stage is a
     neither and are not checkpointed: the engine holds them in a `FrozenState` rebuilt from the
     seed, or loaded by `load_frozen`, on every start.
 
-``loss(trainable, frozen, batch, rng) -> (loss, metrics)``
-    A pure function of merged modules, a dict of arrays and a PRNG key: a float32 scalar loss and a
-    dict of float32 scalars (logged next to "loss", e.g. "loss_fm", "loss_sga"). The trainable
-    module's parameters arrive cast to `config.precision.compute_dtype`; the frozen module's in the
-    dtype `build` / `load_frozen` gave them.
+``loss(trainable, frozen, batch, rng, *, step) -> (loss, metrics)``
+    A pure function of merged modules, a dict of arrays, a PRNG key and the iteration `step` (an
+    int32 scalar array counted from 0, for terms that switch on at some step): a float32 scalar
+    loss and a dict of float32 scalars (logged next to "loss", e.g. "loss_fm", "loss_sga"; the
+    progress bar shows those named "loss_*" and "lambda_*"). The trainable module's parameters
+    arrive cast to `config.precision.compute_dtype`; the frozen module's in the dtype `build` /
+    `load_frozen` gave them. A loss with several players returns the sum of each player's
+    objective, each computed with `jax.lax.stop_gradient` on the other players' parameters, so one
+    gradient carries every player's own (see `param_groups`).
 
 ``batches(config, mesh, *, seed) -> iterator``
     Yields dicts of global `jax.Array`s sharded along the batch (see
@@ -30,6 +34,13 @@ Optional hooks (looked up with getattr; absent means "not used"):
 ``configure(config)``
     Called once right after construction with the resolved config, before anything is traced:
     the place to read loss weights and other settings `loss` needs.
+
+``param_groups(params) -> labels``
+    Several players or parts with their own optimizer settings: a tree like `params` (the pure
+    dict of trainable parameters, possibly abstract) whose leaves are group names, "default"
+    (`config.optimizer`), a section of `config.optimizer.groups`, or "frozen" (never updated). The
+    engine then builds one AdamW per group inside one optimizer state (`sga_jax.train.optim`), so
+    checkpoints, EMA, sharding, resume, the NaN guard and accumulation cover every player.
 
 ``load_pretrained(params, shardings) -> dict``
     Fine-tuning: on a fresh start (never on resume), replace some or all of the randomly
@@ -92,6 +103,7 @@ from sga_jax.errors import ConfigError
 TASKS: dict[str, str] = {
     "toy": "sga_jax.train.toy:ToyTask",
     "flux_sga": "sga_jax.stages.flux:FluxSGATask",
+    "vae_sga": "sga_jax.stages.vae:VAESGATask",
 }
 
 
@@ -115,7 +127,8 @@ class Task(Protocol):
     def build(self, config: Any, rngs: nnx.Rngs) -> tuple[nnx.Module, nnx.Module | None]: ...
 
     def loss(
-        self, trainable: nnx.Module, frozen: nnx.Module | None, batch: dict[str, jax.Array], rng: jax.Array
+        self, trainable: nnx.Module, frozen: nnx.Module | None, batch: dict[str, jax.Array], rng: jax.Array, *,
+        step: jax.Array,
     ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def batches(self, config: Any, mesh: Mesh, *, seed: int) -> BatchIterator: ...

@@ -114,7 +114,7 @@ class ToyTask:
         student = Student(t.features, t.width, t.hidden, t.depth, rngs=rngs)
         return student, Teacher(t.features, t.hidden, rngs=rngs)
 
-    def loss(self, trainable: Student, frozen: Teacher, batch: dict, rng: jax.Array):
+    def loss(self, trainable: Student, frozen: Teacher, batch: dict, rng: jax.Array, *, step: jax.Array | None = None):
         x = batch["x"]
         target = frozen(x)
         x_in = x + self.noise * jax.random.normal(rng, x.shape, x.dtype)

@@ -2,7 +2,7 @@
 
 - `params`: parameter factories (`linear`, `conv`) with logical axis names, dtype settings
 - `lora`: low-rank adapters on `linear` layers (`LoRAConfig`, `LoRALinear`), `Frozen` weights, merging
-- `norms`: LayerNorm, GroupNorm, RMSNorm
+- `norms`: LayerNorm, GroupNorm, RMSNorm, BatchStatNorm (training-mode BatchNorm)
 - `activations`: GELU variants, quick GELU, lookup by Hugging Face / PyTorch name
 - `attention`: the one attention entry point and its implementations
 - `pooling`: max and average pooling with PyTorch's padding and floor-mode semantics
@@ -22,7 +22,7 @@ from sga_jax.models.nn.attention import (
 from sga_jax.models.nn.lora import (
     BASE_WEIGHTS, Frozen, LoRAConfig, LoRALinear, adapted_layers, dropout_rng, freeze, merged_weights,
 )
-from sga_jax.models.nn.norms import RMSNorm, group_norm, layer_norm
+from sga_jax.models.nn.norms import BatchStatNorm, RMSNorm, group_norm, layer_norm
 from sga_jax.models.nn.params import Axes, Dtype, conv, dtype_of, linear, logical
 from sga_jax.models.nn.pooling import avg_pool, max_pool
 from sga_jax.models.nn.resample import (
@@ -35,11 +35,11 @@ from sga_jax.models.nn.splash import SplashBlockSizes
 from sga_jax.models.nn.stack import REMAT_POLICIES, remat, scan_layers, stack_layers
 
 __all__ = [
-    "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "BASE_WEIGHTS", "CHUNKED_QUERY_BLOCK", "MASKING_IMPLEMENTATIONS",
-    "MASK_FREE_IMPLEMENTATIONS", "REMAT_POLICIES", "Axes", "Dtype", "Frozen", "LoRAConfig", "LoRALinear", "RMSNorm",
-    "SplashBlockSizes", "Taps", "activation", "adapted_layers", "apply_rope", "attention", "avg_pool", "axial_rope",
-    "center_crop", "constrain", "conv", "divisible_spec", "dropout_rng", "dtype_of", "freeze", "gelu_exact",
-    "gelu_tanh", "group_norm", "layer_norm", "linear", "logical", "max_pool", "merged_weights", "quick_gelu",
-    "remat", "resample", "resize_short_side", "resize_tf1_bilinear", "resize_torch", "rope_angles", "scan_layers",
-    "short_side_size", "stack_layers", "tf1_bilinear_taps", "torch_taps",
+    "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "Axes", "BASE_WEIGHTS", "BatchStatNorm", "CHUNKED_QUERY_BLOCK",
+    "Dtype", "Frozen", "LoRAConfig", "LoRALinear", "MASKING_IMPLEMENTATIONS", "MASK_FREE_IMPLEMENTATIONS",
+    "REMAT_POLICIES", "RMSNorm", "SplashBlockSizes", "Taps", "activation", "adapted_layers", "apply_rope",
+    "attention", "avg_pool", "axial_rope", "center_crop", "constrain", "conv", "divisible_spec", "dropout_rng",
+    "dtype_of", "freeze", "gelu_exact", "gelu_tanh", "group_norm", "layer_norm", "linear", "logical", "max_pool",
+    "merged_weights", "quick_gelu", "remat", "resample", "resize_short_side", "resize_tf1_bilinear", "resize_torch",
+    "rope_angles", "scan_layers", "short_side_size", "stack_layers", "tf1_bilinear_taps", "torch_taps",
 ]

@@ -1,4 +1,5 @@
-"""Normalisation layers: LayerNorm and GroupNorm with logical axes, and RMSNorm (BFL's QK norm, T5)."""
+"""Normalisation layers: LayerNorm and GroupNorm with logical axes, RMSNorm (BFL's QK norm, T5) and
+BatchStatNorm (BatchNorm as PyTorch runs it in training mode)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,38 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class BatchStatNorm(nnx.Module):
+    """BatchNorm in training mode, as `torch.nn.BatchNorm2d.train()` computes its output: each
+    channel normalised with the mean and biased variance of this batch (over batch, height and
+    width of a channels-last (B, H, W, C) input), then a learned per-channel `scale` and `bias`.
+
+    It keeps no running statistics: it serves networks that only ever run in training mode (a GAN
+    discriminator), so an eval mode, and the state it would need, do not exist. Statistics are in
+    float32; over a batch sharded across devices they are global (XLA reduces across the shards).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        rngs: nnx.Rngs,
+        eps: float = 1e-5,
+        dtype: Dtype = None,
+        param_dtype: Dtype = jnp.float32,
+        scale_init: nnx.Initializer = nnx.initializers.ones_init(),
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(logical(scale_init, ("conv_out",))(rngs.params(), (dim,), param_dtype))
+        self.bias = nnx.Param(logical(nnx.initializers.zeros_init(), ("conv_out",))(rngs.params(), (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x32, axis=axes)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)

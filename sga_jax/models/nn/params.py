@@ -86,6 +86,7 @@ def conv(
     dtype: Dtype = None,
     param_dtype: Dtype = jnp.float32,
     axes: tuple[str | None, str | None] = ("conv_in", "conv_out"),
+    kernel_init: Callable = nnx.initializers.lecun_normal(),
 ) -> nnx.Conv:
     """A 2-D channels-last convolution; kernel (kh, kw, in, out) with logical axes on in/out.
 
@@ -104,7 +105,7 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=logical(nnx.initializers.lecun_normal(), (None, None) + tuple(axes)),
+        kernel_init=logical(kernel_init, (None, None) + tuple(axes)),
         bias_init=logical(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,
     )

@@ -267,12 +267,16 @@ class Encoder(nnx.Module):
         self.norm_out = make.norm(widths[-1])
         self.conv_out = make.conv(widths[-1], 2 * c.z_channels)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, return_features: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Moments; with `return_features`, also the input of `conv_out` (after `norm_out` and SiLU,
+        (B, H/f, W/f, ch * ch_mult[-1])), the layer stage 1's SGA weight differentiates at."""
         h = nn.constrain(self.conv_in(x), IMAGE_AXES)
         for level in self.down:
             h = level(h, self.remat)
         h = self.mid(h, self.remat)
-        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+        features = jax.nn.silu(self.norm_out(h))
+        moments = self.conv_out(features)
+        return (moments, features) if return_features else moments
 
 
 class Decoder(nnx.Module):
@@ -337,6 +341,15 @@ class AutoEncoder(nnx.Module):
         self.config = config
         self.encoder = Encoder(config, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
+
+    def in_form(self, f16: bool) -> "AutoEncoder":
+        """This autoencoder in the F16 (`f16=True`) or F8 form, sharing its parameters (no copy):
+        the two forms differ only in static strides and one upsample."""
+        if f16 == self.config.f16:
+            return self
+        config = dataclasses.replace(self.config, f16=f16)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0))))
+        return nnx.merge(graphdef, nnx.state(self))
 
     def _tiles(self, height: int, width: int) -> bool:
         threshold = self.config.tile_threshold

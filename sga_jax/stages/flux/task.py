@@ -32,7 +32,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sga_jax import parallel, sample
+from sga_jax import sample
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
 from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encoders import FoundationEncoder
@@ -124,15 +124,7 @@ class FluxSGATask:
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
-        prior_kind = m.prior.kind
-        if prior_kind not in common.PRIOR_MODELS:
-            raise ConfigError(f"config.model.prior.kind={prior_kind!r}: expected one of {sorted(common.PRIOR_MODELS)}")
-        prior_config = None  # no prior without alignment (its weights are then never fetched)
-        if config.align.method != "none":
-            prior_cls = common.PRIOR_MODELS[prior_kind][0]
-            prior_config = dataclasses.replace(common.model_config(m.prior, prior_cls, prior_kind),
-                                               dtype=frozen_dtype, param_dtype=frozen_dtype,
-                                               attention=m.prior.get("attention", "xla"))
+        prior_kind, prior_config = common.prior_config(m.prior, frozen_dtype, needed=config.align.method != "none")
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
@@ -226,24 +218,15 @@ class FluxSGATask:
         def part_shardings(name: str) -> dict:
             return shardings.trainable[name] if name == "flux" else shardings.module[name]
 
-        random_parts = [name for name, path in paths.items() if path is None]
-        loaded = {}
-        if random_parts:
-            for name in random_parts:
-                log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
+        def init_random(key: jax.Array) -> dict:
+            rngs = nnx.Rngs(key)
+            full = nnx.to_pure_dict(nnx.split(self._frozen(rngs))[1])
+            if self.lora:
+                full["flux"] = nnx.to_pure_dict(nnx.state(flux.Flux(self.networks.flux, rngs=rngs), nn.Frozen))
+            return full
 
-            def init(key: jax.Array) -> dict:
-                rngs = nnx.Rngs(key)
-                full = nnx.to_pure_dict(nnx.split(self._frozen(rngs))[1])
-                if "flux" in random_parts:
-                    full["flux"] = nnx.to_pure_dict(nnx.state(flux.Flux(self.networks.flux, rngs=rngs), nn.Frozen))
-                return {name: full[name] for name in random_parts}
-
-            out_shardings = {name: part_shardings(name) for name in random_parts}
-            loaded.update(jax.jit(init, out_shardings=out_shardings)(jax.random.key(int(self.config.seed))))
-        for name, path in paths.items():
-            if path is not None:
-                loaded[name] = self._load_frozen_part(name, path, part_shardings(name))
+        loaded = common.load_frozen_parts(paths, part_shardings, self._load_frozen_part, init_random,
+                                          int(self.config.seed))
         trainable = {"flux": loaded.pop("flux")} if self.lora else {}
         return FrozenState(trainable=trainable, module={name: loaded.get(name) for name in abstract.module})
 
@@ -260,8 +243,10 @@ class FluxSGATask:
             return {"model": nnx.to_pure_dict(nnx.state(model))}
         return nnx.to_pure_dict(nnx.state(converted.load_model(name, path, shardings=shardings, **overrides)))
 
-    def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array):
-        """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart."""
+    def loss(self, trainable: FluxWithHead, frozen: FrozenModels, batch: dict, rng: jax.Array, *,
+             step: jax.Array | None = None):
+        """Flow matching (or WLF) + lambda * alignment; metrics keep the two terms apart (every
+        term is on from the first step)."""
         config = self.config
         images = batch["image"]
         b, height, width, _ = images.shape
@@ -315,7 +300,7 @@ class FluxSGATask:
             "irepa": functools.partial(irepa_loss, alpha=align.irepa_alpha),
             "repa": repa_loss,
         }[align.method]
-        return jax.vmap(lambda g, r: loss_fn(g[None], r[None]))(gen, ref)
+        return common.per_example(loss_fn, gen, ref)
 
     def _text(self, frozen: FrozenModels, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         if "txt" in batch:
@@ -478,29 +463,17 @@ def _encode_prompts(t5_model: Any, clip_model: Any, tokens: dict, mask_t5: bool)
     return encode_tokens(t5_model, clip_model, tokens, mask_t5=mask_t5)
 
 
-class StageBatches:
+class StageBatches(common.ImageBatches):
     """Batches for the step: images as global arrays, captions tokenised (or cached embeddings)."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int,
                  text_paths: dict[str, Path] | None):
-        self.task_config = config
-        self.mesh = mesh
-        self.rules = parallel.resolve_rules(config.sharding_rules)
-        self.pipeline = make_pipeline(config.data, seed=seed)
+        super().__init__(config, mesh, seed=seed)
         self.tokenizers = None if text_paths is None else _tokenizers(text_paths)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        batch = dict(next(self.pipeline))
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tokenise the captions (unless they come from a cache)."""
         if self.tokenizers is not None:
             captions = [str(c) for c in batch["caption"]]
             batch.update(tokenize_captions(self.tokenizers, self.task_config.text, captions))
-        return parallel.host_to_global(batch, self.mesh, self.rules)
-
-    def get_state(self) -> dict[str, Any]:
-        return self.pipeline.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.pipeline.set_state(state)
+        return batch
