@@ -26,12 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     directory = os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets")
     assets = prepare_demo_assets(directory)
     config = stage_config(parse_row(arg or "dinov2"))
-    config.total_steps = 120
+    config.total_steps = 60
     config.batch_size = 4
-    config.checkpoint_every = 60
+    config.checkpoint_every = 30
     config.log_every = 5
-    config.sample_every = 40
-    config.eval_every = 20
+    config.sample_every = 30
+    config.eval_every = 15
     config.mesh.data, config.mesh.fsdp = -1, 1
     opt = config.optimizer
     opt.learning_rate = 2e-3
@@ -43,19 +43,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.frozen_dtype = "float32"
     m.vae.overrides = {"ch": 32, "ch_mult": (1, 1, 2, 2), "num_res_blocks": 1}
     m.prior.preset = "tiny"
-    m.prior.overrides = {"patch_size": 14, "image_size": 112}
+    m.prior.overrides = {"patch_size": 14, "image_size": 56}
     m.disc.ndf, m.disc.n_layers = 16, 2
     m.lpips.trunk = str(prepare_demo_lpips(directory))  # random trunk, the lpips package's lin weights
-    config.loss.gan.start = 60
+    config.loss.gan.start = 30
     config.loss.moment.weight = 0.1
     config.loss.sc.weight = 0.1
-    config.align.long_edge = 8  # 128 px crops: F16 latents 8 x 8, DINOv2 at 8 x 14 = 112 px
+    config.align.long_edge = 4  # 64 px crops: F16 latents 4 x 4, DINOv2 at 4 x 14 = 56 px
 
     config.eval.path = str(assets["heldout"])
-    config.eval.batch_size, config.eval.size = 2, 128
+    config.eval.batch_size, config.eval.size = 2, 64
     data = config.data
     data.path = str(assets["data"])
-    data.buckets.fixed = "128x128"
+    data.buckets.fixed = "64x64"
     data.worker_count = 0
     data.index_threads = 2
     return config

@@ -124,7 +124,9 @@ class FluxSGATask:
         frozen_dtype = m.get("frozen_dtype", "float32")
         vae_config = dataclasses.replace(common.model_config(m.vae, vae.AutoEncoderConfig, "vae"),
                                          dtype=frozen_dtype, param_dtype=frozen_dtype, f16=m.vae.f16)
-        prior_kind, prior_config = common.prior_config(m.prior, frozen_dtype, needed=config.align.method != "none")
+        probing = probe.is_enabled(config)  # the probe measures the prior's structure in vanilla runs too
+        prior_kind, prior_config = common.prior_config(m.prior, frozen_dtype,
+                                                       needed=config.align.method != "none" or probing)
         t5_config = clip_config = None
         self.text_paths = resolve_paths(config.text) if not config.data.caption_cache else None
         if self.text_paths is not None:
@@ -142,7 +144,6 @@ class FluxSGATask:
         align = config.align
         if align.method not in ALIGN_METHODS:
             raise ConfigError(f"config.align.method={align.method!r}: expected one of {ALIGN_METHODS}")
-        probing = probe.is_enabled(config)
         if (align.method != "none" or probing) and not 0 <= align.block < flux_config.depth:
             raise ConfigError(f"config.align.block={align.block}: Flux has {flux_config.depth} double blocks")
         if config.objective.kind not in OBJECTIVES:
