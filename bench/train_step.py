@@ -214,11 +214,10 @@ def lora_main(image: int, repeats: int, assets: str) -> None:
         "base and the optimizer update over it, not the forward.\n\n"
         f"### Flux.1-dev + SGA + LoRA rank {dev['rank']} on one 80 GB GPU at {dev['image']} px\n\n"
         f"`configs/flux_sga.py:dinov2,lora={dev['rank']}` with `batch_size=1`, one device, captions from a cache "
-        "(no T5-XXL / CLIP in memory), `remat=full`, chunked attention, bf16 compute. Planner not on main yet: "
-        "the state from `--dry_run`'s estimate, the activations from an ahead-of-time compile of the real step "
+        "(no T5-XXL / CLIP in memory), `remat=full`, chunked attention, bf16 compute. The state from `--dry_run`'s estimate, the activations from an ahead-of-time compile of the real step "
         f"for this CPU (compiled in {dev['compile_s']:.0f} s, abstract arguments). LABELLED CPU ESTIMATE: XLA:CPU "
         "upcasts bf16 matmuls to f32 and has no rematerialisation pass or GPU scheduler, so its temporaries are a "
-        "rough proxy (reference/PLANNER.md measured CPU 1.3x GPU on a 12B DiT step).\n\n"
+        "rough proxy (reference/PLANNER.md measured CPU 1.3x GPU on a 12B DiT step); `python -m sga_jax.plan` compiles the same step for a GPU target.\n\n"
         + markdown_table(dev_rows)
         + f"\n\nVerdict: {verdict} on one 80 GB GPU (peak estimate {peak / GIB:.1f} GiB against {GPU_BYTES / GIB:.1f} "
         f"GiB; 90% usable with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`)."
