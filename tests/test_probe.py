@@ -289,7 +289,7 @@ def test_stage2_probe_adds_no_parameter_and_no_gradient(stage_runs):
 def test_vanilla_run_probes_with_the_prior_built_for_it(demo_config):
     on = _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=1"))
     off = _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=1", **{"probe.enabled": False}))
-    assert on.setup.abstract_frozen.get("prior") is not None and off.setup.abstract_frozen.get("prior") is None
+    assert on.setup.abstract_frozen.module.get("prior") is not None and off.setup.abstract_frozen.module.get("prior") is None
     assert jax.tree.leaves(on.setup.abstract_state) == jax.tree.leaves(off.setup.abstract_state)
     with pytest.raises(ValueError, match=r"config.align.block=5: Flux has 2 double blocks"):
         _run(_stage(demo_config, "dinov2,vanilla,wlf,layer=5"))
