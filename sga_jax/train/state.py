@@ -173,9 +173,8 @@ def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation,
     """Initialise the train state from `config.seed` directly into its shardings (one jit)."""
 
     def init(seed: jax.Array) -> TrainState:
-        key = jax.random.wrap_key_data(seed)
-        model_key, train_key = jax.random.split(key)
-        trainable, _ = _build(task, config, model_key)
+        train_key = jax.random.split(jax.random.wrap_key_data(seed))[1]
+        trainable, _ = _build(task, config, model_key(seed))
         _, params, _, rest = split_module(trainable)
         params = nnx.to_pure_dict(params)
         zero = jnp.zeros((), jnp.int32)
