@@ -113,7 +113,7 @@ def load_frozen_parts(
     random_parts = [name for name, path in paths.items() if path is None]
     if random_parts:
         for name in random_parts:
-            log.warning("config.model.%s.weights is empty: the frozen %s is RANDOM", name, name)
+            log.warning("the frozen %s has no weights configured: it is RANDOM", name)
 
         def init(key: jax.Array) -> dict:
             full = init_random(key)
