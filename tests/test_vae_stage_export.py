@@ -116,5 +116,5 @@ def test_stage2_trains_against_the_exported_vae(trained, tmp_path):
     result = loop.train(config, tmp_path / "stage2", run=run)
     assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
     frozen = state_lib.init_frozen(run.task, config, run.setup)
-    np.testing.assert_array_equal(np.asarray(frozen["vae"]["decoder"]["conv_out"]["kernel"]),
+    np.testing.assert_array_equal(np.asarray(frozen.module["vae"]["decoder"]["conv_out"]["kernel"]),
                                   np.asarray(params["decoder"]["conv_out"]["kernel"]))

@@ -18,7 +18,6 @@ import torch
 import torchvision
 import transformers
 from diffusers import AutoencoderKL
-from flax import nnx
 from safetensors.torch import save_file
 from taming.modules.discriminator.model import NLayerDiscriminator as TamingDiscriminator
 
@@ -75,8 +74,8 @@ def ours(files, stage_config_torch):
     images = np.random.default_rng(4).uniform(-1, 1, (2, IMAGE, IMAGE, 3)).astype(np.float32)
 
     def loss(params, frozen, images):
-        trainable = nnx.merge(graphs.trainable, params, state.model_state)
-        return run.task.loss(trainable, nnx.merge(graphs.frozen, frozen), {"image": images}, jax.random.key(0),
+        trainable = state_lib.merge_trainable(graphs.trainable, params, frozen, state.model_state)
+        return run.task.loss(trainable, state_lib.merge_frozen(graphs, frozen), {"image": images}, jax.random.key(0),
                              step=jnp.int32(1))
 
     (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params, frozen, images)
