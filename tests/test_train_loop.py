@@ -90,6 +90,7 @@ def test_compilation_is_its_own_phase_per_batch_shape(tmp_path, capsys, monkeypa
     config = toy.get_config("sharded")
     config.total_steps, config.checkpoint_every, config.log_every = 6, 0, 1
     config.sample_every = config.eval_every = 0
+    config.compilation_cache.enabled = False  # a real compile, not a load from the session's cache
     loop.train(config, tmp_path)
     records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     assert [step for step, r in records.items() if "compile_s" in r] == [1, 4]  # the first step, then the new shape
