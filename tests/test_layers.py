@@ -1,4 +1,5 @@
-"""Shared layers against PyTorch: the attention entry point, rotary embeddings and pooling."""
+"""Shared layers against PyTorch: the attention entry point, rotary embeddings and pooling; and the
+RNGs that models are built with inside a trace."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from flax import nnx
 
 from sga_jax.models import nn
 from sga_jax.models.nn.attention import _chunked_attention
@@ -117,3 +119,32 @@ def test_pooling_matches_torch(kind, size, stride, padding):
         got = nn.avg_pool(jnp.asarray(x), size, stride, padding, count_include_pad=include)
     np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
 
+
+
+def _two_layers(rngs: nnx.Rngs) -> nnx.Module:
+    return nnx.List([nn.conv(3, 4, 3, rngs=rngs), nn.linear(4, 5, ("embed", "mlp"), rngs=rngs)])
+
+
+def test_construction_rngs_draw_the_keys_of_nnx_rngs_and_stay_concrete_in_a_trace():
+    """The same parameters as `nnx.Rngs(key)` (eagerly and inside jit); under eval_shape the
+    stream's counter is a concrete array after the draws (the traced one makes building quadratic)."""
+    key = jax.random.key(3)
+    plain = nnx.Rngs(key)
+    reference = jax.tree.leaves(nnx.state(_two_layers(plain), nnx.Param))
+    eager = jax.tree.leaves(nnx.state(_two_layers(nn.construction_rngs(key)), nnx.Param))
+    jitted = jax.tree.leaves(jax.jit(lambda: nnx.state(_two_layers(nn.construction_rngs(key)), nnx.Param))())
+    assert len(reference) == 4
+    for a, b, c in zip(reference, eager, jitted):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    counts = []
+
+    def build():
+        rngs = nn.construction_rngs(key)
+        layers = _two_layers(rngs)
+        counts.append(rngs.default.count[...])
+        return layers
+
+    abstract = nnx.eval_shape(build)
+    assert not isinstance(counts[0], jax.core.Tracer) and int(counts[0]) == int(plain.default.count[...]) > 0
+    assert [x.shape for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))] == [x.shape for x in reference]

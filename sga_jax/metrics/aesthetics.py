@@ -49,7 +49,7 @@ def load_aesthetic_predictor(path: str | os.PathLike) -> AestheticPredictor:
     for i, index in enumerate(CHECKPOINT_LAYERS):
         key_map[f"fc{i}.kernel"] = W.rule(f"layers.{index}.weight", transform=W.LINEAR)
         key_map[f"fc{i}.bias"] = W.rule(f"layers.{index}.bias")
-    return W.load_module(lambda: AestheticPredictor(reader.shape(first)[1], rngs=nnx.Rngs(0)), reader, key_map)
+    return W.load_module(lambda: AestheticPredictor(reader.shape(first)[1], rngs=nn.construction_rngs(0)), reader, key_map)
 
 
 @nnx.jit

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.models import nn
 
 
 def config_json(path: str | os.PathLike, config_class: str) -> dict[str, Any]:
@@ -39,5 +40,5 @@ def load_pretrained(path: str | os.PathLike, config: Any, model_class: type, key
     """Stream a checkpoint into `model_class(config with overrides)`, built abstractly (no random
     weights), each parameter placed into `shardings` (a State-shaped tree, optional) as it is read."""
     config = dataclasses.replace(config, **overrides)
-    return W.load_module(lambda: model_class(config, rngs=nnx.Rngs(0)), W.CheckpointReader(path), key_map(config),
+    return W.load_module(lambda: model_class(config, rngs=nn.construction_rngs(0)), W.CheckpointReader(path), key_map(config),
                          shardings=shardings)

@@ -99,8 +99,9 @@ def merge_frozen(graphs: Graphs, frozen: FrozenState) -> nnx.Module | None:
     return None if graphs.frozen is None else nnx.merge(graphs.frozen, jax.lax.stop_gradient(frozen.module))
 
 
-def _build(task: Task, config: Any, seed: jax.Array) -> tuple[nnx.Module, nnx.Module | None]:
-    return task.build(config, nnx.Rngs(seed))
+def _build(task: Task, config: Any, key: jax.Array) -> tuple[nnx.Module, nnx.Module | None]:
+    """The task's modules from a concrete `key` (drawn eagerly, even inside a trace: `nn.construction_rngs`)."""
+    return task.build(config, nn.construction_rngs(key))
 
 
 def abstract_params(task: Task, config: Any) -> dict:
@@ -172,9 +173,11 @@ def model_key(seed: jax.Array | int) -> jax.Array:
 def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation, setup: Setup) -> TrainState:
     """Initialise the train state from `config.seed` directly into its shardings (one jit)."""
 
-    def init(seed: jax.Array) -> TrainState:
-        train_key = jax.random.split(jax.random.wrap_key_data(seed))[1]
-        trainable, _ = _build(task, config, model_key(seed))
+    seed = jax.random.key_data(jax.random.key(int(config.seed)))
+    key, train_key = model_key(seed), jax.random.split(jax.random.wrap_key_data(seed))[1]
+
+    def init() -> TrainState:
+        trainable, _ = _build(task, config, key)
         _, params, _, rest = split_module(trainable)
         params = nnx.to_pure_dict(params)
         zero = jnp.zeros((), jnp.int32)
@@ -189,8 +192,7 @@ def init_state(task: Task, config: Any, optimizer: optax.GradientTransformation,
             nan_streak=zero,
         )
 
-    seed = jax.random.key_data(jax.random.key(int(config.seed)))
-    return jax.jit(init, out_shardings=setup.state_shardings)(seed)
+    return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
 def load_pretrained(task: Task, state: TrainState, setup: Setup) -> TrainState:
@@ -234,13 +236,14 @@ def init_frozen(task: Task, config: Any, setup: Setup) -> FrozenState:
         check_tree(loaded, setup.abstract_frozen, "task.load_frozen")
         return loaded
 
-    def init(seed: jax.Array) -> FrozenState:
-        trainable, frozen = _build(task, config, model_key(seed))
+    key = model_key(jax.random.key_data(jax.random.key(int(config.seed))))
+
+    def init() -> FrozenState:
+        trainable, frozen = _build(task, config, key)
         module = nnx.to_pure_dict(nnx.split(frozen)[1]) if frozen is not None else None
         return FrozenState(trainable=nnx.to_pure_dict(split_module(trainable)[2]), module=module)
 
-    seed = jax.random.key_data(jax.random.key(int(config.seed)))
-    return jax.jit(init, out_shardings=setup.frozen_shardings)(seed)
+    return jax.jit(init, out_shardings=setup.frozen_shardings)()
 
 
 def memory_estimate(setup: Setup) -> dict[str, int]:

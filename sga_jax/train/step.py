@@ -6,6 +6,13 @@ cast. Frozen variables (the frozen module, the trainable module's `nn.Frozen` we
 the dtype the task stored them in (e.g. a bf16 text encoder, a LoRA's bf16 base) and get no gradient. Gradient accumulation splits the global batch
 into k micro-batches and scans over them. A NaN/Inf loss or gradient skips the update (params,
 optimizer state and EMA are kept), counts it, and leaves the decision to stop to the loop.
+
+The update is one `lax.cond` on that check, and the check is the finiteness of the loss and of the
+gradients' global norm (a NaN or Inf in any element makes the norm non-finite; so would a finite
+gradient whose squares overflow float32, which no sane step has). Per-leaf checks and per-leaf
+`where(finite, new, old)` selections of parameters, both Adam moments and the EMA would be a few
+small XLA fusions for every parameter tensor: a third of the compile time of the VAE stage's step
+on a CPU.
 """
 
 from __future__ import annotations
@@ -24,12 +31,6 @@ from sga_jax.train.state import FrozenState, Graphs, Setup, TrainState, cast_flo
 from sga_jax.train.task import Task
 
 StepFn = Callable[[TrainState, Any, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """True when every element of every leaf is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def split_micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -104,21 +105,26 @@ def make_train_step(
     def train_step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, metrics, grads = grads_and_metrics(state, frozen, batch, rng)
-        finite = jnp.isfinite(loss) & all_finite(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def keep(new: Any, old: Any) -> Any:
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(_: None) -> tuple[Any, Any, Any]:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = state.ema
+            if ema is not None:
+                ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            return params, opt_state, ema
 
-        ema = state.ema
-        if ema is not None:
-            ema = keep(jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params), ema)
+        def skip(_: None) -> tuple[Any, Any, Any]:
+            return state.params, state.opt_state, state.ema
+
+        params, opt_state, ema = jax.lax.cond(finite, update, skip, None)
         skipped = (~finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             ema=ema,
             nan_skips=state.nan_skips + skipped,
             nan_streak=jnp.where(finite, 0, state.nan_streak + 1),
@@ -129,7 +135,7 @@ def make_train_step(
         out = {
             "loss": loss,
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             **rates,
             "skipped": skipped,
             "nan_skips": new_state.nan_skips,

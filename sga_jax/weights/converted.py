@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.weights import hub
 
 CONFIG_FILE = "sga_config.json"
@@ -101,7 +102,7 @@ def load_converted(path: str | Path, *, shardings: Any = None, **overrides: Any)
     config = getattr(module, entry.config_class).from_dict(meta["config"])
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    abstract = nnx.eval_shape(lambda: getattr(module, entry.model_class)(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: getattr(module, entry.model_class)(config, rngs=nn.construction_rngs(0)))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
     if shardings is not None:
         abstract_params = jax.tree.map(

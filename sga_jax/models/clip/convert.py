@@ -22,6 +22,7 @@ from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.models.clip.model import ClipModel, ClipTextConfig, ClipTextModel, ClipVisionConfig
 
 FORMATS = ("transformers", "hub")
@@ -136,7 +137,7 @@ def load(path: str | os.PathLike, config: ClipTextConfig | None = None, *, shard
                   else infer_config(reader, **overrides))
     elif overrides:
         config = ClipTextConfig.from_dict({**config.to_dict(), **overrides})
-    return W.load_module(lambda: ClipTextModel(config, rngs=nnx.Rngs(0)), reader, key_map(config),
+    return W.load_module(lambda: ClipTextModel(config, rngs=nn.construction_rngs(0)), reader, key_map(config),
                          shardings=shardings, ignore=lambda key: key.startswith(_SKIPPED))
 
 
@@ -179,6 +180,6 @@ def load_clip_model(path: str | os.PathLike, *, shardings: Any = None, **overrid
     vision_config = ClipVisionConfig.from_hf_config(hf, **overrides)
     projection_dim = hf.get("projection_dim", 512)
     return W.load_module(
-        lambda: ClipModel(text_config, vision_config, projection_dim, rngs=nnx.Rngs(0)), W.CheckpointReader(path),
+        lambda: ClipModel(text_config, vision_config, projection_dim, rngs=nn.construction_rngs(0)), W.CheckpointReader(path),
         clip_model_key_map, shardings=shardings, ignore=lambda key: key == "logit_scale" or key.endswith("position_ids"),
     )

@@ -13,9 +13,8 @@ import dataclasses
 import os
 from typing import Any
 
-from flax import nnx
-
 from sga_jax import weights as W
+from sga_jax.models import nn
 from sga_jax.models.discriminator.model import NLayerDiscriminator, PatchGANConfig
 
 PREFIX = "loss.discriminator."
@@ -69,5 +68,5 @@ def load(path: str | os.PathLike, config: PatchGANConfig | None = None, *, shard
     def ignore(key: str) -> bool:
         return key.endswith(RUNNING_STATS) or (prefixed and not key.startswith("main."))
 
-    return W.load_module(lambda: NLayerDiscriminator(config, rngs=nnx.Rngs(0)), reader, key_map(config),
+    return W.load_module(lambda: NLayerDiscriminator(config, rngs=nn.construction_rngs(0)), reader, key_map(config),
                          shardings=shardings, ignore=ignore)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.models.flux.model import Flux, FluxConfig
 
 FORMATS = ("bfl", "diffusers")
@@ -39,7 +40,7 @@ _STACKS = {"double_blocks": "depth", "single_blocks": "depth_single_blocks"}
 
 def abstract_model(config: FluxConfig) -> Flux:
     """The model with abstract (shape-only) parameters: no memory, no random init."""
-    return nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Flux(config, rngs=nn.construction_rngs(0)))
 
 
 def _abstract_params(config: FluxConfig) -> nnx.State:
@@ -250,7 +251,7 @@ def load(
         config = infer_config(path, **overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
-    return W.load_module(lambda: Flux(config, rngs=nnx.Rngs(0)), reader, key_map(config, fmt), shardings=shardings)
+    return W.load_module(lambda: Flux(config, rngs=nn.construction_rngs(0)), reader, key_map(config, fmt), shardings=shardings)
 
 
 def _dtype(dtype: Any) -> np.dtype | None:

@@ -18,6 +18,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax import weights as W
+from sga_jax.models import nn
 from sga_jax.models.inception.model import BATCH_NORM_EPS, InceptionConfig, InceptionV3
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -59,5 +60,5 @@ def load(path: str | os.PathLike, config: InceptionConfig | None = None, *, shar
         config = InceptionConfig(num_classes=reader.shape("fc.weight")[0])
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    return W.load_module(lambda: InceptionV3(config, rngs=nnx.Rngs(0)), reader,
+    return W.load_module(lambda: InceptionV3(config, rngs=nn.construction_rngs(0)), reader,
                          lambda model: key_map(nnx.state(model, nnx.Param)), shardings=shardings, ignore=_ignored)

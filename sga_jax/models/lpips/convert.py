@@ -27,6 +27,7 @@ from flax import nnx
 from sga_jax import weights as W
 from sga_jax.models.lpips.model import CONVS, LPIPS, TAP_CHANNELS, LPIPSConfig
 from sga_jax.weights.converted import is_converted, load_converted
+from sga_jax.models import nn
 
 FORMATS = ("lpips",)
 FILENAME = "lpips_vgg16.safetensors"
@@ -82,7 +83,7 @@ def load(
         return load_converted(trunk, shardings=shardings, **overrides)
     reader = W.CheckpointReader([trunk] if lin is None else [trunk, lin])
     config = dataclasses.replace(LPIPSConfig(), **overrides)
-    return W.load_module(lambda: LPIPS(config, rngs=nnx.Rngs(0)), reader, key_map(_lin_name(reader)),
+    return W.load_module(lambda: LPIPS(config, rngs=nn.construction_rngs(0)), reader, key_map(_lin_name(reader)),
                          shardings=shardings, ignore=_not_lpips)
 
 

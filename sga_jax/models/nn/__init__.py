@@ -23,7 +23,7 @@ from sga_jax.models.nn.lora import (
     BASE_WEIGHTS, Frozen, LoRAConfig, LoRALinear, adapted_layers, dropout_rng, freeze, merged_weights,
 )
 from sga_jax.models.nn.norms import BatchStatNorm, RMSNorm, group_norm, layer_norm
-from sga_jax.models.nn.params import Axes, Dtype, conv, dtype_of, linear, logical
+from sga_jax.models.nn.params import Axes, Dtype, construction_rngs, conv, dtype_of, linear, logical
 from sga_jax.models.nn.pooling import avg_pool, max_pool
 from sga_jax.models.nn.resample import (
     Taps, center_crop, resample, resize_short_side, resize_tf1_bilinear, resize_torch, short_side_size,
@@ -38,7 +38,7 @@ __all__ = [
     "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "Axes", "BASE_WEIGHTS", "BatchStatNorm", "CHUNKED_QUERY_BLOCK",
     "Dtype", "Frozen", "LoRAConfig", "LoRALinear", "MASKING_IMPLEMENTATIONS", "MASK_FREE_IMPLEMENTATIONS",
     "REMAT_POLICIES", "RMSNorm", "SplashBlockSizes", "Taps", "activation", "adapted_layers", "apply_rope",
-    "attention", "avg_pool", "axial_rope", "center_crop", "constrain", "conv", "divisible_spec", "dropout_rng",
+    "attention", "avg_pool", "axial_rope", "center_crop", "constrain", "construction_rngs", "conv", "divisible_spec", "dropout_rng",
     "dtype_of", "freeze", "gelu_exact", "gelu_tanh", "group_norm", "layer_norm", "linear", "logical", "max_pool",
     "merged_weights", "quick_gelu", "remat", "resample", "resize_short_side", "resize_tf1_bilinear", "resize_torch",
     "rope_angles", "scan_layers", "short_side_size", "stack_layers", "tf1_bilinear_taps", "torch_taps",

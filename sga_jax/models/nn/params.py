@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -114,3 +115,31 @@ def conv(
 def dtype_of(name: str | None) -> Dtype:
     """A config's dtype name ("float32", "bfloat16", None) as a jnp dtype (None stays None)."""
     return None if name is None else jnp.dtype(name)
+
+
+class _ConcreteStream(nnx.RngStream):
+    """An RngStream whose key and counter are computed eagerly, so they stay concrete arrays
+    while a module is built inside a trace (`nnx.eval_shape`, `jax.jit`)."""
+
+    def __init__(self, key: jax.Array | int, *, tag: str):
+        with jax.ensure_compile_time_eval():
+            super().__init__(key, tag=tag)
+
+    def __call__(self) -> jax.Array:
+        with jax.ensure_compile_time_eval():
+            return super().__call__()
+
+
+def construction_rngs(key: jax.Array | int) -> nnx.Rngs:
+    """`nnx.Rngs(key)` for building models inside a trace: the same keys, drawn eagerly.
+
+    With a plain `nnx.Rngs` every draw inside a trace updates a traced counter, and flax 0.12's
+    `Variable.set_value` then reads `.sharding` of that tracer, which makes JAX build an error
+    message by walking every equation traced so far: building a model under `nnx.eval_shape`
+    costs time quadratic in its number of parameters (tens of seconds for the tiny demo networks).
+    A concrete `key` (an int seed or a key that is not a tracer) keeps the counter concrete; the
+    initialisers still run traced.
+    """
+    rngs = nnx.Rngs()
+    setattr(rngs, "default", _ConcreteStream(key, tag="default"))
+    return rngs

@@ -15,11 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flax import nnx
-
 from sga_jax import weights as W
 from sga_jax.errors import ConfigError
-from sga_jax.models import hf
+from sga_jax.models import hf, nn
 from sga_jax.models.sam2.model import Sam2Hiera, Sam2HieraConfig
 
 FORMATS = ("hf",)
@@ -93,7 +91,7 @@ def load(
         prefix = PREFIXES.get(hf.get("model_type"), "") if prefix is None else prefix
     config = dataclasses.replace(config, **overrides)
     reader = W.CheckpointReader(path, prefix=prefix)
-    return W.load_module(lambda: Sam2Hiera(config, rngs=nnx.Rngs(0)), reader, key_map(config), shardings=shardings,
+    return W.load_module(lambda: Sam2Hiera(config, rngs=nn.construction_rngs(0)), reader, key_map(config), shardings=shardings,
                          ignore=lambda key: not key.startswith(TRUNK_ROOTS))
 
 

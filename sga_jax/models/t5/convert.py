@@ -21,6 +21,7 @@ from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.models.t5.model import T5Config, T5EncoderModel
 
 FORMATS = ("transformers",)
@@ -110,7 +111,7 @@ def load(path: str | os.PathLike, config: T5Config | None = None, *, shardings: 
     embed_key = next((k for k in _EMBED_KEYS if k in reader), _EMBED_KEYS[0])
     skipped = set(_EMBED_KEYS) - {embed_key}
     ignore = lambda key: key in skipped or key.startswith(("decoder.", "lm_head."))
-    return W.load_module(lambda: T5EncoderModel(config, rngs=nnx.Rngs(0)), reader, key_map(config, embed_key),
+    return W.load_module(lambda: T5EncoderModel(config, rngs=nn.construction_rngs(0)), reader, key_map(config, embed_key),
                          shardings=shardings, ignore=ignore)
 
 

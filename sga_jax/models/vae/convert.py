@@ -26,6 +26,7 @@ from flax import nnx
 
 from sga_jax import weights as W
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.models.vae.model import AutoEncoder, AutoEncoderConfig
 
 FORMATS = ("bfl", "diffusers")
@@ -176,7 +177,7 @@ def load(
     if overrides:
         config = dataclasses.replace(config, **overrides)
     rules = lambda model: key_map(nnx.state(model, nnx.Param), fmt, len(config.ch_mult))
-    return W.load_module(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)), reader, rules, shardings=shardings,
+    return W.load_module(lambda: AutoEncoder(config, rngs=nn.construction_rngs(0)), reader, rules, shardings=shardings,
                          ignore=ignore)
 
 
@@ -184,7 +185,7 @@ def shardings_for(config: AutoEncoderConfig, mesh: jax.sharding.Mesh, rules: Any
     """Parameter shardings of an AutoEncoder on `mesh` from its logical axis names (for `load`)."""
     from sga_jax import parallel
 
-    abstract = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nn.construction_rngs(0)))
     return parallel.state_shardings(nnx.state(abstract, nnx.Param), mesh, parallel.resolve_rules(rules))
 
 

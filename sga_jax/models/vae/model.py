@@ -348,7 +348,7 @@ class AutoEncoder(nnx.Module):
         if f16 == self.config.f16:
             return self
         config = dataclasses.replace(self.config, f16=f16)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0))))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: AutoEncoder(config, rngs=nn.construction_rngs(0))))
         return nnx.merge(graphdef, nnx.state(self))
 
     def _tiles(self, height: int, width: int) -> bool:
