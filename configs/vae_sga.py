@@ -30,6 +30,7 @@ the head sees the posterior mean. 2 epochs of 12M images at batch 160 = 150,000 
 import ml_collections
 
 from sga_jax.data.pipeline import default_data_config
+from sga_jax.stages import probe
 from sga_jax.train.config import base_config
 
 PRIORS = ("dinov2", "dinov3", "sam2")
@@ -68,7 +69,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000
     config.log_every = 20
     config.sample_every = 2000
-    config.eval_every = 2000
+    config.eval_every = 2000  # held-out PSNR / SSIM / LPIPS and the feature-drift probe (config.probe)
     config.mesh.data, config.mesh.fsdp = -1, 1  # 84M + 3M parameters: data parallel
     opt = config.optimizer
     opt.learning_rate = 1e-5
@@ -104,6 +105,7 @@ def stage_config(row: dict) -> ml_collections.ConfigDict:
         "sga_method": "auto",
     })
     config.eval = ml_collections.ConfigDict({"path": "", "batch_size": 8, "size": 512})  # path "": data.path
+    config.probe = probe.default_config()
     config.data = default_data_config()
     config.data.global_batch_size = config.get_ref("batch_size")
     data = config.data

@@ -1,5 +1,5 @@
 """A stage-1 run end to end on the tiny demo config: train through the engine (checkpoint, eval,
-reconstruction grids), export the F16 VAE to diffusers and BFL files, load the diffusers file
+the feature-drift probe on the encoder's latents, reconstruction grids), export the F16 VAE to diffusers and BFL files, load the diffusers file
 strictly in AutoencoderKL and run it in the F16 form with the recipe of docs/training.md, read both
 back with our loader, and train stage 2 against the exported directory."""
 
@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 from flax import nnx
 
 from sga_jax.models import vae
+from sga_jax.stages import probe
 from sga_jax.train import loop, state as state_lib
 from sga_jax.train.checkpoint import Checkpointer
 from sga_jax.train.export import export_run
@@ -61,14 +62,35 @@ def test_run_logs_every_term_and_writes_grids(trained):
     import json
 
     _, workdir, _ = trained
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][1:]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # after the probe's step-0 record
     for name in ("loss_rec", "loss_lpips", "loss_g", "loss_d", "loss_moment", "loss_sc", "loss_sga", "lambda_adv",
                  "lambda_sga", "lr_disc"):
         assert name in rows[-1], name
     assert rows[0]["loss_g"] == 0.0 and rows[1]["loss_d"] > 0  # the GAN starts at step index 1
     assert {"eval_psnr", "eval_ssim", "eval_lpips"} <= set(rows[-1])
     assert (workdir / "samples" / "step_000003.png").is_file() and (workdir / "loss_curve.png").is_file()
+
+
+def test_probe_follows_the_encoder_latents_from_step_0(trained):
+    """The probe's batch, the pre-trained posterior means (F16 latents 2 x 2 x 16) and their
+    reconstructions; zero drift at step 0 (the identical reconstruction's PSNR, inf, is logged as
+    null), drift after three steps."""
+    import json
+
+    _, workdir, _ = trained
+    evals = {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+             if "eval_drift_coord" in r}
+    assert sorted(evals) == [0, 3]
+    assert {f"eval_{name}" for name in {**probe.METRICS, **probe.IMAGE_METRICS}} <= set(evals[0])
+    assert evals[0]["eval_drift_coord"] == evals[0]["eval_drift_output"] == 0.0
+    assert evals[0]["eval_drift_structure"] < 1e-6 and evals[0]["eval_output_psnr"] is None
+    assert evals[0]["eval_prior_gram"] > 0
+    assert evals[3]["eval_drift_coord"] > 0 and np.isfinite(evals[3]["eval_output_psnr"])
+    examples = np.load(workdir / "probe" / "batch.npz", allow_pickle=False)
+    assert examples.files == ["image"] and examples["image"].shape == (2, IMAGE, IMAGE, 3)
+    reference = np.load(workdir / "probe" / "reference.npz", allow_pickle=False)
+    assert reference["features"].shape == (2, 2, 2, 16) and reference["output"].shape == (2, IMAGE, IMAGE, 3)
 
 
 def test_diffusers_export_loads_strictly_and_runs_as_f16(trained):

@@ -1,6 +1,7 @@
 """Pieces every training stage shares: model configs from a config section, the frozen priors by
 name, per-example loss weights that ignore padding slots, per-example losses, frozen modules
-loaded from their paths (or initialised from the seed), and the image batches of `config.data`."""
+loaded from their paths (or initialised from the seed), the image batches of `config.data` and
+the probe's examples from it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -115,12 +117,14 @@ def load_frozen_parts(
         for name in random_parts:
             log.warning("the frozen %s has no weights configured: it is RANDOM", name)
 
-        def init(key: jax.Array) -> dict:
+        key = model_key(seed)  # concrete: the parts are built with eagerly drawn keys (nn.construction_rngs)
+
+        def init() -> dict:
             full = init_random(key)
             return {name: full[name] for name in random_parts}
 
         out_shardings = {name: shardings(name) for name in random_parts}
-        state.update(jax.jit(init, out_shardings=out_shardings)(model_key(seed)))
+        state.update(jax.jit(init, out_shardings=out_shardings)())
     for name, path in paths.items():
         if path is not None:
             state[name] = load_part(name, path, shardings(name))
@@ -152,3 +156,19 @@ class ImageBatches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.pipeline.set_state(state)
+
+
+def probe_examples(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The feature-drift probe's examples: the first `config.probe.batch_size` examples of the
+    run's data with its seed (filler slots dropped; captions and keys as str arrays)."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    data.global_batch_size, data.worker_count = int(config.probe.batch_size), 0
+    pipeline = make_pipeline(data, seed=int(config.seed), process_index=0, process_count=1)
+    try:
+        batch = next(pipeline)
+    finally:
+        pipeline.close()
+    keep = np.flatnonzero(batch.pop("valid"))
+    if keep.size == 0:
+        raise ConfigError(f"probe: the first batch of {data.path or 'the data'} has no readable image")
+    return {k: (np.asarray(v, str) if k in ("caption", "key") else np.asarray(v))[keep] for k, v in batch.items()}

@@ -43,7 +43,6 @@ from jax.sharding import Mesh
 
 from sga_jax import sample
 from sga_jax.align import IREPAHead, REPAHead, SGAHead, irepa_loss, repa_loss, sga_loss
-from sga_jax.data.pipeline import make_pipeline
 from sga_jax.encoders import FoundationEncoder
 from sga_jax.errors import ConfigError
 from sga_jax.models import clip, flux, nn, t5, vae
@@ -220,7 +219,7 @@ class FluxSGATask:
             return shardings.trainable[name] if name == "flux" else shardings.module[name]
 
         def init_random(key: jax.Array) -> dict:
-            rngs = nnx.Rngs(key)
+            rngs = nn.construction_rngs(key)
             full = nnx.to_pure_dict(nnx.split(self._frozen(rngs))[1])
             if self.lora:
                 full["flux"] = nnx.to_pure_dict(nnx.state(flux.Flux(self.networks.flux, rngs=rngs), nn.Frozen))
@@ -324,17 +323,7 @@ class FluxSGATask:
         filler slots dropped), tokenised or with their cached embeddings, and the noise (on the
         latent grid) and timesteps (as training samples them) the probe uses at every evaluation."""
         config = self.config
-        data = ml_collections.ConfigDict(config.data.to_dict())
-        data.global_batch_size, data.worker_count = int(config.probe.batch_size), 0
-        pipeline = make_pipeline(data, seed=int(config.seed), process_index=0, process_count=1)
-        try:
-            batch = next(pipeline)
-        finally:
-            pipeline.close()
-        keep = np.flatnonzero(batch.pop("valid"))
-        if keep.size == 0:
-            raise ConfigError(f"probe: the first batch of {data.path or 'the data'} has no readable image")
-        examples = {k: (np.asarray(v, str) if k in ("caption", "key") else np.asarray(v))[keep] for k, v in batch.items()}
+        examples = common.probe_examples(config)
         if self.text_paths is not None:
             examples.update(tokenize_captions(_tokenizers(self.text_paths), config.text, list(examples["caption"])))
         b, height, width, _ = examples["image"].shape

@@ -18,12 +18,17 @@ One step, L = L_base + lambda_m L_moment + lambda_sga L_SGA (+ the discriminator
   against the frozen prior's tokens of the same image; lambda_sga = clip(||dNLL/dW_e|| /
   (||dL_SGA/dW_e|| + 1e-4), 0, clamp) * sga_weight at the encoder's `conv_out` kernel (VA-VAE).
 
+Evaluation (`eval_every`): PSNR / SSIM / LPIPS of the held-out batch's reconstructions and the
+feature-drift probe (`sga_jax.stages.probe`, docs/geometry.md) on the encoder's latents (the
+posterior mean, what the SGA head sees) with the reconstruction as the output; the `start` and
+`evaluate` hooks drive it and the `_probe_*` methods are its taps.
+
 Trainable: the F16 VAE (`loss.parts`: encoder, decoder or both), the SGA head, the discriminator.
 Frozen: the pre-trained VAE (one parameter tree, run as F16 for the moment reference and as F8 for
-the scale-consistency teacher), the prior and LPIPS. Both VAEs come from `config.model.vae.weights`
+the scale-consistency teacher), the prior (with alignment or the probe) and LPIPS. Both VAEs come from `config.model.vae.weights`
 (the random initial weights of the trainable VAE when empty, so the anchors are the start point).
-Config: `configs/vae_sga.py`; the task's sections are `config.model`, `config.loss`, `config.align`
-and `config.eval`.
+Config: `configs/vae_sga.py`; the task's sections are `config.model`, `config.loss`, `config.align`,
+`config.eval` and `config.probe`.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from sga_jax.errors import ConfigError
 from sga_jax.metrics.lpips import lpips_distance
 from sga_jax.metrics.reconstruction import psnr, ssim
 from sga_jax.models import discriminator, lpips, nn, vae
-from sga_jax.stages import common
+from sga_jax.stages import common, probe
 from sga_jax.stages.vae import losses
 from sga_jax.train import plots
 from sga_jax.train.state import FrozenState
@@ -71,7 +76,7 @@ class Networks:
     vae: vae.AutoEncoderConfig  # the trainable F16 VAE
     pretrained: vae.AutoEncoderConfig | None  # the frozen pre-trained VAE in its F8 form
     prior_kind: str
-    prior: Any
+    prior: Any  # with alignment or the probe
     lpips: lpips.LPIPSConfig | None
     disc: discriminator.PatchGANConfig | None
 
@@ -97,7 +102,7 @@ class VAEWithHeads(nnx.Module):
 
 class FrozenModels(nnx.Module):
     """The frozen part: the pre-trained VAE (F8 form; None without moment and scale-consistency
-    terms), the prior (None without alignment) and LPIPS (None with lpips_weight 0)."""
+    terms), the prior (None without alignment and probe) and LPIPS (None with lpips_weight 0)."""
 
     def __init__(self, pretrained: vae.AutoEncoder | None, prior: FoundationEncoder | None, perceptual: Any):
         self.pretrained = pretrained
@@ -136,7 +141,8 @@ class VAESGATask:
                                          param_dtype="float32", remat=m.vae.get("remat", "none"))
         uses_pretrained = loss.moment.weight > 0 or loss.sc.weight > 0
         pretrained = dataclasses.replace(base, f16=False, dtype=frozen_dtype, param_dtype=frozen_dtype) if uses_pretrained else None
-        prior_kind, prior = common.prior_config(m.prior, frozen_dtype) if align.method == "sga" else ("", None)
+        probing = probe.is_enabled(config)  # the probe measures the prior's structure in vanilla runs too
+        prior_kind, prior = common.prior_config(m.prior, frozen_dtype, needed=align.method == "sga" or probing)
         perceptual = lpips.LPIPSConfig(dtype=frozen_dtype, param_dtype=frozen_dtype) if loss.lpips_weight > 0 else None
         disc = None
         if loss.gan.weight > 0:
@@ -145,12 +151,17 @@ class VAESGATask:
         self.config = config
         self.networks = Networks(vae_config, pretrained, prior_kind, prior, perceptual, disc)
         self.mesh: Mesh | None = None
+        self.probe = None
+        if probing:
+            taps = probe.Taps(examples=self._probe_examples, prepare=self._probe_prepare, tap=self._probe_tap,
+                              image_output=True)
+            self.probe = probe.FeatureProbe(config.probe, taps)
 
     # ---------------------------------------------------------------------------------- models
 
     def _frozen(self, vae_key: jax.Array, rngs: nnx.Rngs) -> FrozenModels:
         nets = self.networks
-        pretrained = vae.AutoEncoder(nets.pretrained, rngs=nnx.Rngs(vae_key)) if nets.pretrained is not None else None
+        pretrained = vae.AutoEncoder(nets.pretrained, rngs=nn.construction_rngs(vae_key)) if nets.pretrained is not None else None
         prior = None
         if nets.prior is not None:
             model = common.PRIOR_MODELS[nets.prior_kind][1](nets.prior, rngs=rngs)
@@ -164,12 +175,12 @@ class VAESGATask:
         nets, align = self.networks, config.align
         vae_key = rngs.params()
         head = None
-        if nets.prior is not None:
+        if align.method == "sga":
             prior_dim = nets.prior.embed_dim_per_stage[-1] if nets.prior_kind == "sam2" else nets.prior.hidden_size
             head = SGAHead(nets.vae.z_channels, prior_dim, kernel_size=align.head_kernel,
                            dtype=nn.dtype_of(nets.vae.dtype), rngs=rngs)
         disc = discriminator.NLayerDiscriminator(nets.disc, rngs=rngs) if nets.disc is not None else None
-        trainable = VAEWithHeads(vae.AutoEncoder(nets.vae, rngs=nnx.Rngs(vae_key)), head, disc)
+        trainable = VAEWithHeads(vae.AutoEncoder(nets.vae, rngs=nn.construction_rngs(vae_key)), head, disc)
         return trainable, self._frozen(vae_key, rngs)
 
     def param_groups(self, params: dict) -> dict:
@@ -217,7 +228,7 @@ class VAESGATask:
             paths["lpips"] = converted.resolve_weights("lpips", trunk) if trunk else None
 
         def init_random(key: jax.Array) -> dict:
-            return nnx.to_pure_dict(nnx.state(self.build(self.config, nnx.Rngs(key))[1]))
+            return nnx.to_pure_dict(nnx.state(self.build(self.config, nn.construction_rngs(key))[1]))
 
         loaded = common.load_frozen_parts(paths, lambda name: shardings.module[name], self._load_frozen_part,
                                           init_random, int(self.config.seed))
@@ -396,6 +407,18 @@ class VAESGATask:
 
     # ------------------------------------------------------------------------------ data, hooks
 
+    plan_levers = {"remat": "model.vae.remat"}  # the planner's suggestions (sga_jax.plan.levers)
+
+    def batch_shapes(self, config: ml_collections.ConfigDict, bucket: tuple[int, int] | None) -> dict:
+        """Global shapes of the arrays the step takes for a (width, height) bucket (the planner's
+        input): images in [-1, 1] and the padding mask."""
+        if bucket is None:
+            raise ValueError("vae_sga batches come in buckets (config.data.buckets): give a (width, height)")
+        width, height = bucket
+        self._check_size(height, width)
+        b, sds = int(config.batch_size), jax.ShapeDtypeStruct
+        return {"image": sds((b, height, width, 3), jnp.float32), "valid": sds((b,), jnp.bool_)}
+
     def batches(self, config: ml_collections.ConfigDict, mesh: Mesh, *, seed: int) -> common.ImageBatches:
         """The Grain pipeline of `config.data` (captions unused)."""
         self.mesh = mesh
@@ -422,13 +445,34 @@ class VAESGATask:
         graphdef, state = nnx.split(trainable.ae)
         return images, _reconstruct(graphdef, state, images)
 
+    def start(self, trainable: VAEWithHeads, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array):
+        """The feature-drift probe's start: record the pre-trained latents (fresh start) or read them back."""
+        return None if self.probe is None else self.probe.start(trainable, frozen, step, workdir, rng)
+
     def evaluate(self, trainable: VAEWithHeads, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> dict:
-        """PSNR, SSIM (and LPIPS when loaded) of the held-out batch's reconstructions, means over images."""
+        """PSNR, SSIM (and LPIPS when loaded) of the held-out batch's reconstructions, means over
+        images, and the feature-drift probe's numbers (`sga_jax.stages.probe.METRICS`)."""
         images, recon = self._reconstruct(trainable)
         out = {"psnr": float(jnp.mean(psnr(recon, images))), "ssim": float(jnp.mean(ssim(recon, images)))}
         if frozen.lpips is not None:
             out["lpips"] = float(jnp.mean(lpips_distance(frozen.lpips, recon, images)))
+        if self.probe is not None:
+            out.update(self.probe.measure(trainable))
         return out
+
+    def _probe_examples(self, rng: jax.Array) -> dict[str, np.ndarray]:
+        """`config.probe.batch_size` images from the data (the run's seed picks them); the stage
+        needs no randomness of its own (the probe encodes to the posterior mean)."""
+        return {"image": common.probe_examples(self.config)["image"]}
+
+    def _probe_prepare(self, frozen: FrozenModels, examples: dict) -> tuple[dict, jax.Array]:
+        """Frozen part of the probe: the images themselves and the prior's tokens of them."""
+        images = examples["image"]
+        return {"image": images}, frozen.prior(images)
+
+    def _probe_tap(self, trainable: VAEWithHeads, inputs: dict) -> tuple[jax.Array, jax.Array]:
+        """The encoder's posterior mean (B, h, w, z), what the SGA head aligns, and its reconstruction."""
+        return _mean_and_reconstruction(trainable.ae, inputs["image"])
 
     def sample(self, trainable: VAEWithHeads, frozen: FrozenModels, step: int, workdir: str, rng: jax.Array) -> None:
         """original | reconstruction pairs of the held-out batch as `samples/step_NNNNNN.png`, and
@@ -447,14 +491,18 @@ class VAESGATask:
         """Write the trained F16 VAE with `vae.save` (head and discriminator are training-only);
         the file records the F16 form, which `vae.load` and stage 2's config read back."""
         config = dataclasses.replace(self.networks.vae, dtype="float32", param_dtype="float32", remat="none")
-        graphdef, weights = nnx.split(nnx.eval_shape(lambda: vae.AutoEncoder(config, rngs=nnx.Rngs(0))), nnx.Param)
+        graphdef, weights = nnx.split(nnx.eval_shape(lambda: vae.AutoEncoder(config, rngs=nn.construction_rngs(0))), nnx.Param)
         nnx.replace_by_pure_dict(weights, read("ae", nnx.to_pure_dict(weights)))
         vae.save(nnx.merge(graphdef, weights), out, format=format, dtype=dtype)
 
 
+def _mean_and_reconstruction(ae: vae.AutoEncoder, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(posterior mean, its decoding clipped to [-1, 1] in float32)."""
+    mean, _ = ae.encode_moments(images)
+    return mean, jnp.clip(ae.decoder(mean).astype(jnp.float32), -1.0, 1.0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _reconstruct(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-    ae = nnx.merge(graphdef, state)
-    mean, _ = ae.encode_moments(images)
-    return jnp.clip(ae.decoder(mean).astype(jnp.float32), -1.0, 1.0)
+    return _mean_and_reconstruction(nnx.merge(graphdef, state), images)[1]
 
