@@ -247,7 +247,9 @@ class FeatureProbe:
         if step == 0:
             self.reference = {"features": np.asarray(features), "output": np.asarray(output)}
             _save(directory / REFERENCE_FILE, self.reference)
-            return self._metrics(features, output)
+            metrics = self._metrics(features, output)
+            metrics.pop("output_psnr", None)  # the output against itself: infinite by construction
+            return metrics
         self.reference = _load(directory / REFERENCE_FILE, {"features": features, "output": output})
         return None
 
