@@ -8,6 +8,8 @@ batch 2. The step is the jitted value-and-gradient of the task's loss plus an Ad
 training; the probe's evaluation is `FeatureProbe.measure` (one Flux forward on the probe batch,
 the host-to-device copies of its inputs and reference, and the jitted drift metrics).
 
+`--probe`: only the probe's section (its own section of docs/benchmarks.md).
+
 `--lora`: instead, LoRA rank 16 against full fine-tuning through the engine's own jitted step (one
 device, the same network at 512 x 512) with its compiled memory; and the per-device memory of
 Flux.1-dev + SGA with LoRA rank 64 at a 1024 px bucket on one device from the dry run's state
@@ -233,27 +235,48 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lora", action="store_true", help="LoRA against full fine-tuning, and Flux.1-dev LoRA memory")
+    parser.add_argument("--probe", action="store_true", help="only the feature-drift probe's cost per evaluation")
     args = parser.parse_args()
     assets = tempfile.mkdtemp(prefix="sga_bench_assets_")
     if args.lora:
         lora_main(args.image, args.repeats, assets)
         return
+    if not args.probe:
+        alignment_main(args.image, args.repeats, assets)
+    probe_main(args.image, args.repeats, assets)
+
+
+def alignment_main(image: int, repeats: int, assets: str) -> None:
+    """SGA against no alignment, iREPA and REPA: section "train_step"."""
     rows, times = [], {}
     for method in METHODS:
-        fn, count, _, _ = step_for(stage_config(method, "mid", args.image, assets), args.image)
-        times[method] = median_time(fn, repeats=args.repeats, warmup=1)
+        fn, count, _, _ = step_for(stage_config(method, "mid", image, assets), image)
+        times[method] = median_time(fn, repeats=repeats, warmup=1)
         rows.append({"alignment": method, "trainable params": count, "step s (median)": times[method]})
         print(rows[-1], flush=True)
     for row in rows:
         method = row["alignment"]
         row["vs none"] = f"{100 * (times[method] / times['none'] - 1):+.1f}%"
         row["vs SGA"] = f"{times[method] / times['sga']:.2f}x"
+    body = (
+        f"Train step (value + gradient + AdamW) of the flux_sga task at {image} x {image}, batch 2, "
+        "F16 VAE, DINOv2-style prior, Flux width 256 with 2 + 2 blocks, random weights, fp32, median of "
+        f"{repeats}. SGA: conv 3x3 stride 2 head, pooled to the prior's 8-token long edge; iREPA: conv 1x1 "
+        "stride 1, same pooling; REPA: 3-layer MLP (2048 wide) per token, same pooling.\n\n" + markdown_table(rows)
+        + f"\n\nSGA overhead over no alignment: {100 * (times['sga'] / times['none'] - 1):+.1f}%; "
+        f"SGA / iREPA = {times['sga'] / times['irepa']:.2f}, SGA / REPA = {times['sga'] / times['repa']:.2f}."
+    )
+    write_section("train_step", "Stage-2 train step: alignment overhead", body, {"times_s": times, "image": image})
+
+
+def probe_main(image: int, repeats: int, assets: str) -> None:
+    """The feature-drift probe's evaluation against one SGA step: section "train_step_probe"."""
     probe_rows, probe_times = [], {}
     for network in NETWORKS:
-        config = stage_config("sga", network, args.image, assets)
-        fn, count, task, modules = step_for(config, args.image)
+        config = stage_config("sga", network, image, assets)
+        fn, count, task, modules = step_for(config, image)
         evaluate = probe_for(task, modules, tempfile.mkdtemp(prefix="sga_bench_probe_"))
-        _, medians = interleaved_medians({"step": fn, "probe": evaluate}, repeats=2 * args.repeats)
+        _, medians = interleaved_medians({"step": fn, "probe": evaluate}, repeats=2 * repeats)
         step_s, probe_s = medians["step"], medians["probe"]
         probe_times[network] = {"step_s": step_s, "probe_s": probe_s}
         width = config.model.flux.overrides["hidden_size"]
@@ -261,22 +284,15 @@ def main() -> None:
                            "SGA step s": step_s, "probe eval s": probe_s, "probe / step": f"{100 * probe_s / step_s:.1f}%"})
         print(probe_rows[-1], flush=True)
     body = (
-        f"Train step (value + gradient + AdamW) of the flux_sga task at {args.image} x {args.image}, batch 2, "
-        "F16 VAE, DINOv2-style prior, Flux width 256 with 2 + 2 blocks, random weights, fp32, median of "
-        f"{args.repeats}. SGA: conv 3x3 stride 2 head, pooled to the prior's 8-token long edge; iREPA: conv 1x1 "
-        "stride 1, same pooling; REPA: 3-layer MLP (2048 wide) per token, same pooling.\n\n" + markdown_table(rows)
-        + f"\n\nSGA overhead over no alignment: {100 * (times['sga'] / times['none'] - 1):+.1f}%; "
-        f"SGA / iREPA = {times['sga'] / times['irepa']:.2f}, SGA / REPA = {times['sga'] / times['repa']:.2f}.\n\n"
-        "### Feature-drift probe: cost per evaluation\n\n"
         f"One probe evaluation (`FeatureProbe.measure`: Flux forward with the hidden tap on the probe batch of 2 "
-        f"at {args.image} x {args.image}, inputs and reference copied from the host, jitted drift metrics: "
+        f"at {image} x {image}, inputs and reference copied from the host, jitted drift metrics: "
         "Procrustes SVD, Grams, spectra, principal angles) against one SGA train step of the same network at "
-        f"batch 2, timed alternately (median of {2 * args.repeats} rounds each). The frozen inputs (VAE latents, "
+        f"batch 2, timed alternately (median of {2 * repeats} rounds each). The frozen inputs (VAE latents, "
         "text embeddings, prior tokens) are computed once per start, not per evaluation. Goal: under 25% of a "
         "step.\n\n" + markdown_table(probe_rows)
     )
-    write_section("train_step", "Stage-2 train step: alignment overhead and the feature-drift probe", body,
-                  {"times_s": times, "image": args.image, "probe": probe_times})
+    write_section("train_step_probe", "Stage-2 train step: the feature-drift probe's cost per evaluation", body,
+                  {"image": image, "probe": probe_times}, command="python bench/train_step.py [--probe]")
 
 
 if __name__ == "__main__":

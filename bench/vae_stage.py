@@ -40,7 +40,9 @@ def stage_config(width: dict, image: int, batch: int, **overrides):
 
     config = get_config("dinov2")
     config.model.vae.overrides = width
-    config.model.prior.overrides = {**PRIOR, "image_size": image}
+    ours = {k: v for k, v in PRIOR.items() if k != "intermediate_size"}  # transformers' name -> our mlp_ratio
+    config.model.prior.overrides = {**ours, "mlp_ratio": PRIOR["intermediate_size"] / PRIOR["hidden_size"],
+                                    "image_size": image}
     config.model.disc.ndf, config.model.disc.n_layers = DISC["ndf"], DISC["n_layers"]
     config.data.buckets.fixed = f"{image}x{image}"
     config.align.long_edge = image // 16

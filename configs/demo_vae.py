@@ -22,10 +22,12 @@ from sga_jax.demo import prepare_demo_assets, prepare_demo_lpips
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Tiny stage-1 run; `arg` is a row as in configs/vae_sga.py (default: dinov2 with SGA)."""
+    """Tiny stage-1 run; `arg` is a row as in configs/vae_sga.py whose prior is DINOv2, the one the
+    demo sizes (default: dinov2 with SGA; `vanilla` is DINOv2's vanilla row, its prior built for
+    the probe)."""
     directory = os.environ.get("SGA_DEMO_ASSETS", "out/demo_assets")
     assets = prepare_demo_assets(directory)
-    config = stage_config(parse_row(arg or "dinov2"))
+    config = stage_config(parse_row(f"dinov2,{arg}" if arg else "dinov2"))
     config.total_steps = 60
     config.batch_size = 4
     config.checkpoint_every = 30

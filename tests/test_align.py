@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sga_jax.align import (
@@ -63,9 +63,13 @@ def test_adaptive_avg_pool_matches_torch(in_hw, out_hw):
 @given(
     h=st.integers(1, 20), w=st.integers(1, 20), oh=st.integers(1, 12), ow=st.integers(1, 12), seed=st.integers(0, 99)
 )
+@example(h=1, w=19, oh=1, ow=1, seed=1)  # a mean of 19 values that nearly cancel: 2e-6 of the output's scale
 def test_adaptive_avg_pool_matches_torch_property(h, w, oh, ow, seed):
+    """Within float32 rounding of the summed inputs: the error bound scales with the inputs, not
+    with the means, which can nearly cancel."""
     x = _features((1, h, w, 2), seed)
-    assert_close_relative(adaptive_avg_pool(x, (oh, ow)), _torch_pool(x, (oh, ow)), tol=1e-6)
+    error = np.abs(np.asarray(adaptive_avg_pool(x, (oh, ow)), np.float64) - _torch_pool(x, (oh, ow))).max()
+    assert error <= 1e-6 * np.abs(x).max(), error
 
 
 def test_adaptive_avg_pool_keeps_dtype_and_leading_axes():
