@@ -6,7 +6,7 @@ A small Flux (width 256, 2 + 2 blocks; the demo's is width 64), the F16 VAE, a s
 and tiny text encoders (all random; the cost structure is what is measured), 512 x 512 images,
 batch 2. The step is the jitted value-and-gradient of the task's loss plus an AdamW update, as in
 training; the probe's evaluation is `FeatureProbe.measure` (one Flux forward on the probe batch,
-the host-to-device copies of its inputs and reference, and the jitted drift metrics).
+the host-to-device copy of its reference, and the jitted drift metrics).
 
 `--probe`: only the probe's section (its own section of docs/benchmarks.md).
 
@@ -285,7 +285,7 @@ def probe_main(image: int, repeats: int, assets: str) -> None:
         print(probe_rows[-1], flush=True)
     body = (
         f"One probe evaluation (`FeatureProbe.measure`: Flux forward with the hidden tap on the probe batch of 2 "
-        f"at {image} x {image}, inputs and reference copied from the host, jitted drift metrics: "
+        f"at {image} x {image}, the reference copied from the host, jitted drift metrics: "
         "Procrustes SVD, Grams, spectra, principal angles) against one SGA train step of the same network at "
         f"batch 2, timed alternately (median of {2 * repeats} rounds each). The frozen inputs (VAE latents, "
         "text embeddings, prior tokens) are computed once per start, not per evaluation. Goal: under 25% of a "

@@ -200,8 +200,8 @@ class FeatureProbe:
     def __init__(self, config: ml_collections.ConfigDict, taps: Taps):
         self.top_k = int(config.top_k)
         self.taps = taps
-        self.inputs: dict[str, np.ndarray] | None = None
-        self.prior: np.ndarray | None = None
+        self.inputs: dict[str, jax.Array] | None = None  # on the devices, from one `prepare` per start
+        self.prior: jax.Array | None = None
         self.reference: dict[str, np.ndarray] | None = None
         self.k = self.top_k
         self._prepare = self._tap = None
@@ -243,9 +243,7 @@ class FeatureProbe:
             return None
         else:
             examples = _load(directory / BATCH_FILE)
-        inputs, prior = self._prepare(f_graph, f_state, _numeric(examples))
-        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
-        self.prior = np.asarray(prior)
+        self.inputs, self.prior = self._prepare(f_graph, f_state, _numeric(examples))
         features, output = self._tap(graph, state, self.inputs)
         self._choose_k(features.shape[-1])
         if step == 0:
