@@ -7,7 +7,9 @@ One step, L = L_base + lambda_m L_moment + lambda_sga L_SGA (+ the discriminator
 * GAN (taming): lambda_adv L_G with L_G = -mean D(x_rec) through a copy of the discriminator with
   no gradient, lambda_adv = clip(||dNLL/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4) * disc_weight at the
   decoder's `conv_out` kernel W; and the discriminator's hinge (or vanilla) loss on D(x) and
-  D(x_rec) with no gradient into the VAE. Both are off (zero, not computed) before `gan.start`.
+  D(x_rec) with no gradient into the VAE. Before `gan.start` both are gated to zero (values and
+  gradients), as taming's `adopt_weight` does, in the same program: under a `lax.cond`, XLA:CPU
+  leaves the discriminator's kernel-gradient convolutions in a layout it runs about 25x slower.
   The two players' objectives are summed, each blind to the other's parameters, so one gradient
   carries both; `param_groups` gives the discriminator its own optimizer (`optimizer.groups.disc`).
 * moment anchoring: squared error of the posterior mean and log-variance against a frozen copy of
@@ -329,31 +331,29 @@ class VAESGATask:
     def _adversarial(self, disc: discriminator.NLayerDiscriminator, decoder: vae.Decoder, images: jax.Array,
                      recon: jax.Array, dec_features: jax.Array, nll_grad: jax.Array,
                      total_of: Callable[[jax.Array], jax.Array], step: jax.Array) -> tuple[jax.Array, dict]:
-        """lambda_adv L_G + L_D from `gan.start` on (zeros before, nothing computed)."""
+        """lambda_adv L_G + L_D from `gan.start` on; before it, the terms and their metrics are zero."""
         gan = self.config.loss.gan
         judge = common.frozen_copy(disc)  # the generator's view: no gradient into the discriminator
 
         def generator_term(image: jax.Array) -> tuple[jax.Array, None]:
             return total_of(losses.generator_loss(judge(image))), None
 
-        def on(_: None) -> tuple[jax.Array, dict]:
-            loss_g, gen_grad, _ = losses.value_and_grad_at(generator_term, recon)
-            lambda_adv = gan.weight * losses.adaptive_weight(decoder.conv_out, dec_features, nll_grad, gen_grad,
-                                                             clamp=gan.clamp)
-            logits_real = disc(jax.lax.stop_gradient(images))
-            logits_fake = disc(jax.lax.stop_gradient(recon))
-            loss_d = total_of(losses.discriminator_loss(logits_real, logits_fake, gan.loss))
-            loss_g = losses.with_gradient(loss_g, gen_grad, recon)
-            metrics = {"loss_g": loss_g, "loss_d": loss_d, "lambda_adv": lambda_adv,
-                       "disc_real": jnp.mean(logits_real.astype(jnp.float32)),
-                       "disc_fake": jnp.mean(logits_fake.astype(jnp.float32))}
-            return lambda_adv * loss_g + loss_d, metrics
+        loss_g, gen_grad, _ = losses.value_and_grad_at(generator_term, recon)
+        lambda_adv = gan.weight * losses.adaptive_weight(decoder.conv_out, dec_features, nll_grad, gen_grad,
+                                                         clamp=gan.clamp)
+        logits_real = disc(jax.lax.stop_gradient(images))
+        logits_fake = disc(jax.lax.stop_gradient(recon))
+        loss_d = total_of(losses.discriminator_loss(logits_real, logits_fake, gan.loss))
+        loss_g = losses.with_gradient(loss_g, gen_grad, recon)
+        metrics = {"loss_g": loss_g, "loss_d": loss_d, "lambda_adv": lambda_adv,
+                   "disc_real": jnp.mean(logits_real.astype(jnp.float32)),
+                   "disc_fake": jnp.mean(logits_fake.astype(jnp.float32))}
+        active = step >= gan.start
 
-        def off(_: None) -> tuple[jax.Array, dict]:
-            zero = jnp.zeros((), jnp.float32)
-            return zero, {name: zero for name in ("loss_g", "loss_d", "lambda_adv", "disc_real", "disc_fake")}
+        def gated(x: jax.Array) -> jax.Array:
+            return jnp.where(active, x, jnp.zeros_like(x))
 
-        return jax.lax.cond(step >= gan.start, on, off, None)
+        return gated(lambda_adv * loss_g + loss_d), {name: gated(value) for name, value in metrics.items()}
 
     def _anchors(self, pretrained: vae.AutoEncoder, images: jax.Array, post: Posterior, dec_features: jax.Array,
                  total_of: Callable[[jax.Array], jax.Array], metrics: dict) -> jax.Array:
