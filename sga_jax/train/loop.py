@@ -174,8 +174,7 @@ def build_run(config: ml_collections.ConfigDict, devices: list[jax.Device] | Non
     param_groups = getattr(task, "param_groups", None)
     labels = param_groups(state_lib.abstract_params(task, config)) if param_groups is not None else None
     optimizer, schedules = optim.make_optimizer(config.optimizer, config.total_steps, labels)
-    with parallel.activation_sharding(mesh, rules):
-        setup = state_lib.make_setup(task, config, optimizer, mesh, rules)  # abstract: runs on any device list
+    setup = state_lib.make_setup(task, config, optimizer, mesh, rules)  # abstract: runs on any device list
     return Run(config, task, mesh, rules, optimizer, schedules, setup)
 
 

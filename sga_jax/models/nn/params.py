@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sga_jax.models.nn.lora import WHOLE, LoRAConfig, LoRALinear, Part
@@ -118,27 +119,33 @@ def dtype_of(name: str | None) -> Dtype:
 
 
 class _ConcreteStream(nnx.RngStream):
-    """An RngStream whose key and counter are computed eagerly, so they stay concrete arrays
-    while a module is built inside a trace (`nnx.eval_shape`, `jax.jit`)."""
+    """An RngStream whose draw counter is a NumPy array, so it stays concrete while a module is
+    built inside a trace (`nnx.eval_shape`, `jax.jit`); the keys are those of `nnx.RngStream`.
+    Nothing runs on a device (the planner builds under meshes of devices that cannot run here).
+    Inside a transform that batches the stream (`nnx.split_rngs` + `nnx.vmap`), it counts as
+    flax does."""
 
     def __init__(self, key: jax.Array | int, *, tag: str):
-        with jax.ensure_compile_time_eval():
-            super().__init__(key, tag=tag)
+        super().__init__(key, tag=tag)
+        self.count = nnx.RngCount(np.zeros(self.key.shape, np.uint32), tag=tag)
 
     def __call__(self) -> jax.Array:
-        with jax.ensure_compile_time_eval():
+        count = self.count[...]
+        if isinstance(count, jax.core.Tracer):
             return super().__call__()
+        key = jax.random.fold_in(self.key[...], count)
+        self.count.set_value(count + np.uint32(1))  # a new array: traces may hold the old one
+        return key
 
 
 def construction_rngs(key: jax.Array | int) -> nnx.Rngs:
-    """`nnx.Rngs(key)` for building models inside a trace: the same keys, drawn eagerly.
+    """`nnx.Rngs(key)` for building models inside a trace: the same keys, counted on the host.
 
     With a plain `nnx.Rngs` every draw inside a trace updates a traced counter, and flax 0.12's
     `Variable.set_value` then reads `.sharding` of that tracer, which makes JAX build an error
     message by walking every equation traced so far: building a model under `nnx.eval_shape`
     costs time quadratic in its number of parameters (tens of seconds for the tiny demo networks).
-    A concrete `key` (an int seed or a key that is not a tracer) keeps the counter concrete; the
-    initialisers still run traced.
+    Here the counter is a NumPy array; the keys and the initialisers still run traced.
     """
     rngs = nnx.Rngs()
     setattr(rngs, "default", _ConcreteStream(key, tag="default"))
