@@ -14,6 +14,7 @@ import pytest
 
 from sga_jax import plan as plan_lib
 from sga_jax.errors import ConfigError
+from sga_jax.models import nn
 from sga_jax.plan import levers, targets
 from sga_jax.plan.flops import jaxpr_cost
 from sga_jax.plan.step import compile_step, plan_step, trace_step
@@ -161,6 +162,27 @@ def test_flops_count_every_iteration_of_a_scan():
     assert jaxpr_cost(traced.jaxpr).flops == layers * 2 * batch * width * width
     xla = traced.lower().compile().cost_analysis()["flops"]
     assert xla < 2 * 2 * batch * width * width  # XLA counts the loop body once: why the planner counts itself
+
+
+def test_splash_attention_flops_count_every_grid_step_of_its_kernels():
+    """JAX's splash kernels declare no cost estimate: their bodies count once per grid point. The
+    forward then does XLA attention's two matmuls; the backward's two kernels recompute the logits
+    (dq: 3 matmuls, dk/dv: 4), so forward + backward is 4.5 forwards where XLA's, which keeps the
+    probabilities, is 3."""
+    b, length, heads, dim = 2, 512, 4, 64
+    q = jnp.zeros((b, length, heads, dim), jnp.bfloat16)
+    forward = 4 * b * heads * length * length * dim
+
+    def cost(implementation, grad):
+        def f(q, k, v):
+            return nn.attention(q, k, v, implementation=implementation).astype(jnp.float32).sum()
+
+        program = jax.grad(f, argnums=(0, 1, 2)) if grad else f
+        return jaxpr_cost(jax.make_jaxpr(program)(q, q, q)).flops
+
+    assert cost("splash", grad=False) == cost("xla", grad=False) == forward
+    assert cost("xla", grad=True) == 3 * forward
+    assert cost("splash", grad=True) == pytest.approx(4.5 * forward, rel=1e-3)  # plus a small row-sum matmul
 
 
 def test_levers_of_the_flux_stage_in_order(demo):

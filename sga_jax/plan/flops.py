@@ -3,8 +3,9 @@
 XLA's cost analysis counts the body of a loop once (a scan over Flux's 19 + 38 blocks reports
 about one block's work) and the CUDA backend reports none when compiling without a device. The
 planner counts the matrix-unit work itself, from the program as traced: `dot_general`,
-`conv_general_dilated`, cuDNN's fused attention and Pallas kernels that declare a cost estimate,
-with each scan's body multiplied by its length, the costliest branch of a `cond`, and every other
+`conv_general_dilated`, cuDNN's fused attention and Pallas kernels (their declared cost estimate,
+or else the kernel body once per grid point: JAX's splash attention declares none), with each
+scan's body multiplied by its length, the costliest branch of a `cond`, and every other
 sub-program (jit, remat, custom derivatives) once. Elementwise work is not counted: it runs on the
 vector units and rarely bounds a step of a transformer.
 """
@@ -99,9 +100,11 @@ def _eqn_cost(eqn: Any) -> Cost:
         return Cost(_attention_flops(eqn, _ATTENTION_FORWARD), _io_bytes(eqn))
     if name.startswith("dot_product_attention_bwd"):
         return Cost(_attention_flops(eqn, _ATTENTION_BACKWARD), _io_bytes(eqn))
-    if name == "pallas_call" and params.get("cost_estimate") is not None:
-        estimate = params["cost_estimate"]
-        return Cost(float(estimate.flops), float(estimate.bytes_accessed))
+    if name == "pallas_call":
+        estimate = params.get("cost_estimate")
+        if estimate is not None:
+            return Cost(float(estimate.flops), float(estimate.bytes_accessed))
+        return jaxpr_cost(params["jaxpr"]).times(math.prod(params["grid_mapping"].grid))
     if name == "scan":
         return jaxpr_cost(params["jaxpr"]).times(params["length"])
     if name == "while":
