@@ -4,9 +4,9 @@ XLA's cost analysis counts the body of a loop once (a scan over Flux's 19 + 38 b
 about one block's work) and the CUDA backend reports none when compiling without a device. The
 planner counts the matrix-unit work itself, from the program as traced: `dot_general`,
 `conv_general_dilated`, cuDNN's fused attention and Pallas kernels (their declared cost estimate,
-or else the kernel body once per grid point: JAX's splash attention declares none), with each
-scan's body multiplied by its length, the costliest branch of a `cond`, and every other
-sub-program (jit, remat, custom derivatives) once. Elementwise work is not counted: it runs on the
+or else the kernel body's work once per grid point with the call's operands and results as its
+bytes: JAX's splash attention declares none), with each scan's body multiplied by its length, the
+costliest branch of a `cond`, and every other sub-program (jit, remat, custom derivatives) once. Elementwise work is not counted: it runs on the
 vector units and rarely bounds a step of a transformer.
 """
 
@@ -104,7 +104,8 @@ def _eqn_cost(eqn: Any) -> Cost:
         estimate = params.get("cost_estimate")
         if estimate is not None:
             return Cost(float(estimate.flops), float(estimate.bytes_accessed))
-        return jaxpr_cost(params["jaxpr"]).times(math.prod(params["grid_mapping"].grid))
+        body = jaxpr_cost(params["jaxpr"])  # on blocks in the kernel's local memory: only its work counts
+        return Cost(body.flops * math.prod(params["grid_mapping"].grid), _io_bytes(eqn), body.unknown_loops)
     if name == "scan":
         return jaxpr_cost(params["jaxpr"]).times(params["length"])
     if name == "while":
