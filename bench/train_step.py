@@ -223,8 +223,8 @@ def lora_main(image: int, repeats: int, assets: str) -> None:
         "rough proxy (reference/PLANNER.md measured CPU 1.3x GPU on a 12B DiT step); `python -m sga_jax.plan` "
         "compiles the same step for a GPU target.\n\n"
         + markdown_table(dev_rows)
-        + f"\n\nVerdict: {verdict} on one 80 GB GPU (peak estimate {peak / GIB:.1f} GiB against {GPU_BYTES / GIB:.1f} "
-        f"GiB; 90% usable with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`)."
+        + f"\n\nVerdict from the CPU estimate: {verdict} on one 80 GB GPU (peak estimate {peak / GIB:.1f} GiB against "
+        f"{0.9 * GPU_BYTES / GIB:.1f} GiB usable: 90% of {GPU_BYTES / GIB:.1f} GiB with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9`)."
     )
     write_section("train_step_lora", "Stage-2 train step: LoRA against full fine-tuning, Flux.1-dev LoRA memory", body,
                   {"mid": numbers, "flux_dev_lora": dev})
