@@ -306,7 +306,10 @@ def test_processes_exit_2_with_one_line_and_show_the_traceback_with_debug(files)
 
 
 def test_ctrl_c_exits_130_without_a_traceback():
-    script = "import sys, time; from sga_jax import cli\n" \
+    # Python's own Ctrl-C handler, as in a terminal: a suite started in the background (`pytest &`)
+    # hands its children SIGINT ignored, and Python keeps an ignored SIGINT ignored.
+    script = "import signal, sys, time; from sga_jax import cli\n" \
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n" \
              "sys.exit(cli.run(lambda args: (print('ready', flush=True), time.sleep(120)), []))"
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
