@@ -27,7 +27,7 @@ test: $(STAMP)
 # iREPA at the same row, layer, weight and steps (out/demo_irepa; docs/geometry.md). They share
 # compiled executables (frozen models, the probe's frozen inputs) through JAX's persistent cache.
 SGA_RUN = $(PY) -m sga_jax.train --config configs/demo.py --workdir out/demo \
-	--config.model.vae.weights=out/demo_vae_export
+	--config.model.vae.weights=out/demo_vae_export --config.sample_every=60
 IREPA_RUN = $(PY) -m sga_jax.train --config configs/demo.py:dinov2,irepa,wlf,layer=1,long_edge=8 \
 	--workdir out/demo_irepa --config.model.vae.weights=out/demo_vae_export --config.sample_every=0 \
 	--config.checkpoint_every=0
