@@ -33,3 +33,4 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 from demo_fixtures import demo_config  # noqa: E402,F401  (the stage-2 tests' shared fixture)
+from stage1_fixtures import stage_config  # noqa: E402,F401  (the stage-1 tests' shared fixture)

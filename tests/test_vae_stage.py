@@ -1,6 +1,6 @@
 """Stage 1 (vae_sga task) on a tiny config: every extra term off, where each term's gradient goes,
-the adversarial terms before `gan.start`, the GAN losses against taming's, learning on a repeated
-batch, and a sharded train step against one device."""
+the adversarial terms before `gan.start`, the GAN losses against taming's and the config errors
+(the sharded step is in test_vae_stage_sharding.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,37 +9,10 @@ import pytest
 import torch
 from flax import nnx
 
-from sga_jax import parallel
 from sga_jax.stages.vae import losses
-from sga_jax.train import loop, state as state_lib
 from sga_jax.train.task import get_task
 
-IMAGE = 32  # F16 latents 2 x 2; DINOv2 (patch 14) at 2 x 14 = 28 px
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
-def stage_config(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("SGA_DEMO_ASSETS", str(tmp_path_factory.mktemp("assets")))
-    from configs.demo_vae import get_config
-
-    def make(arg=None, **overrides):
-        config = get_config(arg)
-        config.data.buckets.fixed = f"{IMAGE}x{IMAGE}"
-        config.eval.size = IMAGE
-        config.align.long_edge = 2
-        config.batch_size = 2
-        config.model.disc.ndf = 8
-        config.loss.gan.start = 0
-        config.update_from_flattened_dict(overrides)
-        return config
-
-    return make
+from stage1_fixtures import IMAGE
 
 
 def _models(task, config):
@@ -200,32 +173,3 @@ def test_config_errors_are_clear(stage_config):
         get_task("vae_sga", stage_config(**{"loss.parts": "decoder"}))
     with pytest.raises(ValueError, match=r"config argument 'moment=f4'"):
         stage_config("moment=f4")
-
-
-def _engine_step(config, devices, steps=1):
-    run = loop.build_run(config, devices)
-    with parallel.activation_sharding(run.mesh, run.rules):
-        state = state_lib.init_state(run.task, config, run.optimizer, run.setup)
-        frozen = state_lib.init_frozen(run.task, config, run.setup)
-        step = loop.jitted_step(run)
-        batches = run.task.batches(config, run.mesh, seed=config.seed)
-        history = []
-        for _ in range(steps):
-            arrays = {k: v for k, v in next(batches).items() if isinstance(v, jax.Array)}
-            state, metrics = step(state, frozen, arrays)
-            history.append(jax.device_get(metrics))
-    return run, jax.device_get(state), history
-
-
-@pytest.mark.slow
-def test_sharded_train_step_equals_one_device(stage_config):
-    sharded_config = stage_config(**{"batch_size": 8, "data.remainder": "pad", "mesh.data": 2, "mesh.fsdp": 4})
-    single_config = stage_config(**{"batch_size": 8, "data.remainder": "pad", "mesh.data": 1, "mesh.fsdp": 1})
-    run, sharded, (sharded_metrics,) = _engine_step(sharded_config, None)
-    spec = run.setup.state_shardings.params["disc"]["blocks"][1]["conv"]["kernel"].spec
-    assert "fsdp" in str(spec), spec
-    _, single, (single_metrics,) = _engine_step(single_config, jax.devices()[:1])
-    for name in ("loss", "loss_rec", "loss_lpips", "loss_g", "loss_d", "loss_sga", "lambda_adv", "lambda_sga"):
-        assert sharded_metrics[name] == pytest.approx(single_metrics[name], rel=1e-5), name
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(sharded.params), jax.tree.leaves(single.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
