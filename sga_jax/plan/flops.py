@@ -6,8 +6,9 @@ planner counts the matrix-unit work itself, from the program as traced: `dot_gen
 `conv_general_dilated`, cuDNN's fused attention and Pallas kernels (their declared cost estimate,
 or else the kernel body's work once per grid point with the call's operands and results as its
 bytes: JAX's splash attention declares none), with each scan's body multiplied by its length, the
-costliest branch of a `cond`, and every other sub-program (jit, remat, custom derivatives) once. Elementwise work is not counted: it runs on the
-vector units and rarely bounds a step of a transformer.
+costliest branch of a `cond`, and every other sub-program (jit, remat, custom derivatives) once.
+Elementwise work is not counted: it runs on the vector units and rarely bounds a step of a
+transformer.
 """
 
 from __future__ import annotations
